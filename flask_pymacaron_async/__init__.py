@@ -1,0 +1,21 @@
+"""Background tasks for Flask on Celery + Redis, run inside the caller's request and user context."""
+
+from __future__ import annotations
+
+from .errors import AsyncError, AsyncUnavailable, ConfigError, ContextError, MessageTooLarge
+from .extension import PymacaronAsync
+from .task import AsyncTask, ContextTask, asynctask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncError",
+    "AsyncTask",
+    "AsyncUnavailable",
+    "ConfigError",
+    "ContextError",
+    "ContextTask",
+    "MessageTooLarge",
+    "PymacaronAsync",
+    "asynctask",
+]

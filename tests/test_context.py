@@ -1,0 +1,120 @@
+"""The worker sees the caller's request, headers, user and app."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+from flask import g
+
+from tests.apps import basic
+
+
+def test_request_context_rebuilt_in_worker(client, module_worker, reports, unique):
+    client.post(
+        f"/items/42?key={unique}&q=a+b&q=c",
+        headers={
+            "X-User": "alice",
+            "User-Agent": "pytest-agent",
+            "X-Request-Id": "req-123",
+            "X-Tenant": "acme",
+            "Authorization": "Bearer s3cret-token",
+            "Cookie": "session=abc",
+        },
+        environ_base={"REMOTE_ADDR": "10.1.2.3"},
+    )
+    seen = reports.one(unique)
+    assert seen["app"] == "tests.apps.basic"
+    assert seen["url"] == f"http://localhost/items/42?key={unique}&q=a+b&q=c"
+    assert seen["method"] == "POST"
+    assert seen["endpoint"] == "item" and seen["view_args"] == {"item_id": 42}
+    assert seen["args"]["key"] == unique
+    assert seen["user"] == "alice"
+    assert seen["remote_addr"] == "10.1.2.3"
+    assert seen["url_for"] == "http://localhost/items/7"
+    headers = seen["headers"]
+    assert headers["User-Agent"] == "pytest-agent"
+    assert headers["X-Request-Id"] == "req-123"
+    assert headers["X-Tenant"] == "acme"
+    assert "Authorization" not in headers and "Cookie" not in headers
+
+
+def test_request_id_generated_when_absent(client, module_worker, reports, unique):
+    client.get(f"/items/1?key={unique}")
+    assert len(reports.one(unique)["headers"]["X-Request-Id"]) == 32
+
+
+def test_secrets_never_reach_the_broker(app, redis_client, unique):
+    queue = f"{basic.celery.conf.task_default_queue}-{unique}"  # no worker consumes it
+    with app.test_request_context(
+        "/items/1", headers={"Authorization": "Bearer tok-XYZ", "Cookie": "session=cookie-XYZ"}
+    ):
+        basic.record_value.apply_async(("v", unique), queue=queue)
+    [raw] = redis_client.lrange(queue, 0, -1)
+    redis_client.delete(queue)
+    message = json.loads(raw)
+    wire = raw + base64.b64decode(message["body"])
+    assert unique.encode() in wire
+    assert b"tok-XYZ" not in wire and b"cookie-XYZ" not in wire
+
+
+def test_headers_allowlist_can_carry_authorization(broker_url):
+    from tests.apps.basic import create_app
+
+    app = create_app(PYMACARON_ASYNC_CONTEXT_HEADERS=["Authorization"])
+    state = app.extensions["pymacaron_async"]
+    from flask_pymacaron_async import context
+
+    with app.test_request_context("/", headers={"Authorization": "Bearer ok"}):
+        snapshot = state.signer.verify(context.take(state))
+    assert snapshot["env"]["HTTP_AUTHORIZATION"] == "Bearer ok"
+
+
+def test_snapshot_taken_once_per_request(app):
+    calls = []
+    ext = basic.ext
+    original = ext._user_dumper
+
+    def counting():
+        calls.append(1)
+        return "u"
+
+    ext._user_dumper = counting
+    try:
+        state = app.extensions["pymacaron_async"]
+        from flask_pymacaron_async import context
+
+        with app.test_request_context("/x"):
+            assert context.take(state) is context.take(state)
+        assert len(calls) == 1
+    finally:
+        ext._user_dumper = original
+
+
+def test_outside_request_runs_in_app_context_only(module_worker, reports, unique):
+    from tests.apps.basic import create_app
+
+    app = create_app()
+    with app.app_context():
+        g.user = "cron"
+        basic.record_context(unique)
+    seen = reports.one(unique)
+    assert seen == {"app": "tests.apps.basic", "user": "cron", "has_request": False}
+
+
+@pytest.fixture
+def login_worker(start_worker):
+    return start_worker("tests.apps.login:celery", queue=os.environ["PMA_TEST_QUEUE"] + "-login")
+
+
+def test_flask_login_current_user_without_hooks(login_worker, reports, unique):
+    from tests.apps.login import create_app
+
+    app = create_app()
+    response = app.test_client().get(f"/whoami?key={unique}", headers={"X-Login": "user-77"})
+    assert response.json == {"user": "user-77"}
+    assert reports.one(unique) == {"authenticated": True, "id": "user-77", "cls": "User"}
+    app.test_client().get(f"/whoami?key={unique}-anon")
+    assert reports.one(f"{unique}-anon")["authenticated"] is False
