@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from celery import Celery
 from celery.result import AsyncResult, EagerResult
-from flask import Flask, current_app, has_app_context, has_request_context
+from flask import Flask, Response, after_this_request, current_app, has_app_context, has_request_context, request
 
 from . import context, serialization, signals
 from .config import Settings, load_settings
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Where the calls held until after the response wait, per request.
+_HELD_KEY = "pymacaron_async.held"
 
 #: Live per-app states, so tasks declared after ``init_app`` reach every app.
 _STATES: weakref.WeakSet[_State] = weakref.WeakSet()
@@ -212,7 +215,7 @@ class _State:
     # -- publishing ----------------------------------------------------------
 
     def publish(self, task: ContextTask, args: Any, kwargs: Any, options: dict[str, Any]) -> AsyncResult:
-        """Check, snapshot and queue one call of ``task`` (or run it inline)."""
+        """Check, snapshot and queue one call of ``task``: now, after the response, or inline."""
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         encoded = serialization.check_arguments(task.name, task.run, args, kwargs)
@@ -226,13 +229,21 @@ class _State:
             return self.run_inline(task, token, args, kwargs)
         headers = dict(options.pop("headers", None) or {})
         headers[context.HEADER] = token
+        options["headers"] = headers
         if task.pma_delay and "countdown" not in options and "eta" not in options:
             options["countdown"] = task.pma_delay
         if task.pma_queue and "queue" not in options:
             options["queue"] = task.pma_queue
         options.setdefault("retry", False)
+        if (task.pma_publish or self.settings.publish) == "after_response" and has_request_context():
+            return self._hold(task, token, args, kwargs, options)
+        return self._send(task, token, args, kwargs, options)
+
+    def _send(
+        self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult:
         try:
-            result = task._publish(args, kwargs, headers=headers, **options)
+            result = task._publish(args, kwargs, **options)
         except Exception as exc:
             if not _is_connection_error(exc):
                 raise
@@ -243,6 +254,39 @@ class _State:
             raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
         signals.task_queued.send(self.app, task_name=task.name, task_id=result.id)
         return result
+
+    # -- after_response publishing -------------------------------------------
+
+    def _hold(
+        self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Keep a call until the response has been sent; its id is known now."""
+        environ = request.environ
+        held = environ.get(_HELD_KEY)
+        if held is None:
+            held = environ[_HELD_KEY] = []
+            after_this_request(self._after_response)
+        task_id = options.setdefault("task_id", str(uuid.uuid4()))
+        held.append((task, token, args, kwargs, options))
+        return task.AsyncResult(task_id)
+
+    def _after_response(self, response: Response) -> Response:
+        held = request.environ.pop(_HELD_KEY, [])
+        if response.status_code >= 500:
+            log.debug("Response %s: dropping %d held task(s)", response.status_code, len(held))
+        elif held:
+            response.call_on_close(lambda: self._publish_held(held))
+        return response
+
+    def _publish_held(self, held: list[tuple[Any, ...]]) -> None:
+        """Publish the tasks of one request, on one producer; failures cannot reach the client any more."""
+        with self.celery.producer_or_acquire() as producer:
+            for task, token, args, kwargs, options in held:
+                try:
+                    self._send(task, token, args, kwargs, {**options, "producer": producer})
+                except Exception as exc:
+                    log.error("Task %s[%s] not published after the response: %s", task.name, options["task_id"], exc)
+                    signals.task_failed.send(self.app, task_name=task.name, task_id=options["task_id"], exception=exc)
 
     def run_inline(self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> EagerResult:
         """Run a call in this process, through the same path as in the worker."""

@@ -102,6 +102,11 @@ def record_types(key, *args, **kwargs):
     report(key, {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}})
 
 
+@asynctask(publish="immediate")
+def urgent(key):
+    report(key, "urgent")
+
+
 @asynctask
 def add(x, y):
     return x + y
