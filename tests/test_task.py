@@ -97,3 +97,16 @@ def test_tampered_or_missing_context_is_rejected_worker_survives(app, start_work
     log = worker.log()
     assert log.count("Rejected task tests.apps.basic.record_value") == 3
     assert "signature does not match" in log and "no context snapshot" in log
+
+
+def test_app_factory_with_blueprint_tasks(start_worker, reports, unique):
+    from tests.apps.factory import create_app, ship
+
+    queue = f"{basic.celery.conf.task_default_queue}-factory"
+    start_worker("tests.apps.make_celery:celery", queue=queue)
+    app = create_app()
+    response = app.test_client().post(f"/orders/9/ship?key={unique}")
+    assert response.json == {"shipping": 9}
+    seen = reports.one(unique)
+    assert seen == {"order": 9, "url": f"http://localhost/orders/9/ship?key={unique}", "endpoint": "shop.ship_order"}
+    assert ship.name == "tests.apps.factory.ship"
