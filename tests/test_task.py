@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import time
 import uuid
 
 import pytest
@@ -28,9 +29,12 @@ def test_delay_apply_async_and_results(app, module_worker, reports, unique):
 
 
 def test_delay_option_postpones(app, module_worker, reports, unique):
-    task = basic.ext.task(delay=1.5, name=f"tests.delayed.{unique}")(basic.record_value.run)
-    # the worker does not know this task: declare it on the worker side too
-    assert task.celery_task.pma_delay == 1.5
+    queued_at = time.time()
+    basic.later(unique)
+    assert reports.one(unique) >= queued_at + 1.4
+    queued_at = time.time()
+    basic.later.apply_async((f"{unique}-now",), countdown=0)  # an explicit countdown wins
+    assert reports.one(f"{unique}-now") < queued_at + 1.4
 
 
 def test_rich_arguments_arrive_as_same_types(app, module_worker, reports, unique):

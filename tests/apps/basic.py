@@ -102,6 +102,11 @@ def record_types(key, *args, **kwargs):
     report(key, {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}})
 
 
+@asynctask(delay=1.5)
+def later(key):
+    report(key, time.time())
+
+
 @asynctask(publish="immediate")
 def urgent(key):
     report(key, "urgent")
