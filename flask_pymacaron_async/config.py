@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_SECRET_KEY": None,
     "PYMACARON_ASYNC_MAX_MESSAGE_BYTES": 1024 * 1024,
     "PYMACARON_ASYNC_VISIBILITY_TIMEOUT": 3600,
+    "PYMACARON_ASYNC_CONTEXT_MAX_AGE": 7 * 24 * 3600,
     "PYMACARON_ASYNC_SPAWN_WORKER": None,
     "PYMACARON_ASYNC_EMBEDDED_BROKER": "auto",
     "CELERY": {},
@@ -64,6 +65,7 @@ class Settings:
     secret_key: str | bytes | None
     max_message_bytes: int
     visibility_timeout: float
+    context_max_age: float | None
     spawn_worker: bool | None
     embedded_broker: str | bool
     celery: Mapping[str, Any]
@@ -124,6 +126,14 @@ def load_settings(config: dict[str, Any]) -> Settings:
         max_bytes,
     )
 
+    max_age = config["PYMACARON_ASYNC_CONTEXT_MAX_AGE"]
+    _check(
+        "PYMACARON_ASYNC_CONTEXT_MAX_AGE",
+        max_age is None or (isinstance(max_age, (int, float)) and not isinstance(max_age, bool) and max_age > 0),
+        "a positive number of seconds, or None",
+        max_age,
+    )
+
     secret = config["PYMACARON_ASYNC_SECRET_KEY"] or config.get("SECRET_KEY")
     if config["PYMACARON_ASYNC_ENABLED"] and not secret:
         raise ConfigError(
@@ -142,6 +152,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         secret_key=secret,
         max_message_bytes=max_bytes,
         visibility_timeout=_number(config, "PYMACARON_ASYNC_VISIBILITY_TIMEOUT"),
+        context_max_age=max_age,
         spawn_worker=spawn,
         embedded_broker=embedded,
         celery=dict(celery),

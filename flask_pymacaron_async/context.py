@@ -3,7 +3,8 @@
 A snapshot is a small dict::
 
     {"app": import name, "rid": request id, "user": what user_dumper returned,
-     "env": the WSGI environ keys needed to rebuild the request, or None}
+     "env": the WSGI environ keys needed to rebuild the request, or None,
+     "ts": when it was signed (Unix time, added by ContextSigner.sign)}
 
 It travels signed in the message header :data:`HEADER`. In the worker,
 :func:`pushed` pushes a fresh app context and a request context built from
@@ -16,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import sys
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -36,6 +38,11 @@ HEADER = "pymacaron_async_context"
 # most once per request and carried on by tasks queued from inside a task.
 _ENVIRON_KEY = "pymacaron_async.context"
 _G_KEY = "_pymacaron_async_context"
+_SNAPSHOT_KEY = "pymacaron_async.snapshot"
+# In the worker, the snapshot a task runs with: tasks it queues carry it on,
+# signed again so its age counts from this hop, not from the first request.
+_CARRIED_ENVIRON_KEY = "pymacaron_async.carried"
+_CARRIED_G_KEY = "_pymacaron_async_carried"
 
 # WSGI keys copied from the caller's environ, besides the allowlisted headers.
 _WSGI_KEYS = (
@@ -69,10 +76,15 @@ class ContextSigner:
         self._signer = Signer(key, key_derivation="none", digest_method=hashlib.sha256)
 
     def sign(self, snapshot: dict[str, Any]) -> str:
-        data = json.dumps(snapshot, separators=(",", ":")).encode("utf-8")
+        data = json.dumps({**snapshot, "ts": int(time.time())}, separators=(",", ":")).encode("utf-8")
         return self._signer.sign(data).decode("ascii")
 
-    def verify(self, token: Any) -> dict[str, Any]:
+    def verify(self, token: Any, max_age: float | None = None) -> dict[str, Any]:
+        """The snapshot in ``token``; :class:`ContextError` if it is missing, tampered or too old.
+
+        :param max_age: seconds since signing after which the snapshot is refused
+            (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
+        """
         if not isinstance(token, str):
             raise ContextError(f"no context snapshot in header {HEADER!r}")
         try:
@@ -87,6 +99,17 @@ class ContextSigner:
             raise ContextError(f"the context snapshot is not JSON: {exc}") from None
         if not isinstance(snapshot, dict) or not isinstance(snapshot.get("env"), (dict, type(None))):
             raise ContextError("the context snapshot is not a snapshot")
+        if max_age is not None:
+            signed = snapshot.get("ts")
+            if not isinstance(signed, (int, float)) or isinstance(signed, bool):
+                raise ContextError("the context snapshot has no signing time")
+            # A clock running behind the caller's is not an expiry.
+            age = time.time() - signed
+            if age > max_age:
+                raise ContextError(
+                    f"the context snapshot expired: signed {age:.0f}s ago, over "
+                    f"PYMACARON_ASYNC_CONTEXT_MAX_AGE={max_age:g}"
+                )
         return snapshot
 
 
@@ -96,12 +119,13 @@ def take(state: _State) -> str:
         environ = request.environ
         token = environ.get(_ENVIRON_KEY)
         if token is None:
-            token = environ[_ENVIRON_KEY] = state.signer.sign(_snapshot(state, environ))
+            token = environ[_ENVIRON_KEY] = state.signer.sign(request_snapshot(state))
         return token
     if has_app_context():
         token = g.get(_G_KEY)
         if token is None:
-            token = state.signer.sign(_snapshot(state, None))
+            carried = g.get(_CARRIED_G_KEY)
+            token = state.signer.sign(carried if carried is not None else _snapshot(state, None))
             setattr(g, _G_KEY, token)
         return token
     # Outside any app context: a chain or callback sent by the worker after a
@@ -112,6 +136,15 @@ def take(state: _State) -> str:
         return token
     with state.app.app_context():
         return state.signer.sign(_snapshot(state, None))
+
+
+def request_snapshot(state: _State) -> dict[str, Any]:
+    """The unsigned snapshot of the current request, taken at most once per request."""
+    environ = request.environ
+    snapshot = environ.get(_CARRIED_ENVIRON_KEY) or environ.get(_SNAPSHOT_KEY)
+    if snapshot is None:
+        snapshot = environ[_SNAPSHOT_KEY] = _snapshot(state, environ)
+    return snapshot  # type: ignore[no-any-return]
 
 
 def worker_token() -> str | None:
@@ -162,14 +195,14 @@ def pushed(state: _State, token: str, snapshot: dict[str, Any]) -> Iterator[None
     env = snapshot.get("env")
     if env is None:
         with app.app_context():
-            setattr(g, _G_KEY, token)
+            setattr(g, _CARRIED_G_KEY, snapshot)
             state.load_user(snapshot.get("user"))
             yield
         return
     environ = dict(env)
     environ.update(_WSGI_CONSTANTS)
     environ["wsgi.input"] = _EmptyInput()
-    environ[_ENVIRON_KEY] = token
+    environ[_CARRIED_ENVIRON_KEY] = snapshot
     # The caller's cookies never travel, so opening the session could only
     # make a new empty one: skip the session interface (17 us of 38 here).
     session_class = getattr(app.session_interface, "session_class", SecureCookieSession)

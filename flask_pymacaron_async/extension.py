@@ -10,9 +10,18 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from celery import Celery
 from celery.result import AsyncResult, EagerResult
-from flask import Flask, Response, after_this_request, current_app, has_app_context, has_request_context, request
+from flask import (
+    Flask,
+    Response,
+    after_this_request,
+    current_app,
+    has_app_context,
+    has_request_context,
+    request,
+    request_tearing_down,
+)
 
-from . import context, serialization, signals
+from . import context, serialization, signals, transport
 from .config import Settings, load_settings
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge
@@ -69,8 +78,14 @@ class PymacaronAsync:
         state = _State(self, app, settings)
         app.extensions[self.extension_name] = state
         _STATES.add(state)
+        # A signal, not app.teardown_request: pymacaron services set the
+        # extension up lazily, after the first request.
+        request_tearing_down.connect(state._teardown, app)
         for task in (*_DECLARED.values(), *self._declared.values()):
             state.register(task)
+        from . import spawn  # the development server's worker and embedded broker
+
+        spawn.init_app(app, state)
 
     def _state(self) -> _State:
         if has_app_context():
@@ -152,6 +167,9 @@ class _State:
             broker_transport_options={
                 "visibility_timeout": s.visibility_timeout,
                 "socket_connect_timeout": timeout,
+                # A broker that accepts connections and never answers (paused,
+                # half-open TCP) must fail a publish too, not hang it.
+                "socket_timeout": timeout,
                 **retry_policy,
             },
             result_backend_transport_options={"retry_policy": retry_policy},
@@ -159,6 +177,7 @@ class _State:
             task_publish_retry=False,
         )
         celery.conf.update(s.celery)
+        transport.configure(celery, s.celery)
         celery.pma_state = self  # type: ignore[attr-defined]
         return celery
 
@@ -224,26 +243,24 @@ class _State:
                 f"{task.name}(): arguments take {len(encoded)} bytes, over "
                 f"PYMACARON_ASYNC_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}"
             )
-        token = context.take(self)
         if not self.settings.enabled:
-            return self.run_inline(task, token, args, kwargs)
-        headers = dict(options.pop("headers", None) or {})
-        headers[context.HEADER] = token
-        options["headers"] = headers
+            return self.run_inline(task, context.take(self), args, kwargs)
         if task.pma_delay and "countdown" not in options and "eta" not in options:
             options["countdown"] = task.pma_delay
         if task.pma_queue and "queue" not in options:
             options["queue"] = task.pma_queue
         options.setdefault("retry", False)
         if (task.pma_publish or self.settings.publish) == "after_response" and has_request_context():
-            return self._hold(task, token, args, kwargs, options)
-        return self._send(task, token, args, kwargs, options)
+            return self._hold(task, args, kwargs, options)
+        return self._send(task, context.take(self), args, kwargs, options)
 
     def _send(
         self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
     ) -> AsyncResult:
+        headers = dict(options.pop("headers", None) or {})
+        headers[context.HEADER] = token
         try:
-            result = task._publish(args, kwargs, **options)
+            result = task._publish(args, kwargs, headers=headers, **options)
         except Exception as exc:
             if not _is_connection_error(exc):
                 raise
@@ -258,16 +275,20 @@ class _State:
     # -- after_response publishing -------------------------------------------
 
     def _hold(
-        self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+        self, task: ContextTask, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
     ) -> AsyncResult:
-        """Keep a call until the response has been sent; its id is known now."""
+        """Keep a call until the response has been sent; its id is known now.
+
+        Only the unsigned snapshot is taken before the response: signing
+        happens once per request, after it.
+        """
         environ = request.environ
         held = environ.get(_HELD_KEY)
         if held is None:
             held = environ[_HELD_KEY] = []
             after_this_request(self._after_response)
         task_id = options.setdefault("task_id", str(uuid.uuid4()))
-        held.append((task, token, args, kwargs, options))
+        held.append((task, context.request_snapshot(self), args, kwargs, options))
         return task.AsyncResult(task_id)
 
     def _after_response(self, response: Response) -> Response:
@@ -278,10 +299,24 @@ class _State:
             response.call_on_close(lambda: self._publish_held(held))
         return response
 
+    def _teardown(self, sender: Flask, exc: BaseException | None = None, **extra: Any) -> None:
+        """Calls still held here never saw a response (a rebuilt or test request, or a raised view)."""
+        held = request.environ.pop(_HELD_KEY, None)
+        if not held:
+            return
+        if exc is not None:
+            log.debug("Request failed (%r): dropping %d held task(s)", exc, len(held))
+        else:
+            self._publish_held(held)
+
     def _publish_held(self, held: list[tuple[Any, ...]]) -> None:
         """Publish the tasks of one request, on one producer; failures cannot reach the client any more."""
+        tokens: dict[int, str] = {}
         with self.celery.producer_or_acquire() as producer:
-            for task, token, args, kwargs, options in held:
+            for task, snapshot, args, kwargs, options in held:
+                token = tokens.get(id(snapshot))
+                if token is None:
+                    token = tokens[id(snapshot)] = self.signer.sign(snapshot)
                 try:
                     self._send(task, token, args, kwargs, {**options, "producer": producer})
                 except Exception as exc:

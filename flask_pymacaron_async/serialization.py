@@ -57,6 +57,8 @@ def _default(obj: Any) -> Any:
             if isinstance(value, dict) and TAG in value:
                 return {**value, TAG: tag}
             return {TAG: tag, "v": value}
+    if _is_model(obj):
+        return _encode_model(obj)
     raise TypeError(f"an object of type {type(obj).__module__}.{type(obj).__qualname__} cannot be sent to a worker")
 
 
@@ -157,23 +159,28 @@ def resolve_class(path: str, base: type) -> type:
     return target
 
 
-try:  # pydantic is optional
+# pydantic is optional, and not imported here: importing it costs a worker
+# ~40 ms of start-up. A model can only exist once pydantic has been imported.
+
+
+def _encode_model(model: Any) -> dict[str, Any]:
+    data = model.model_dump(mode="json") if hasattr(model, "model_dump") else json.loads(model.json())
+    return {TAG: "pydantic", "cls": _class_path(type(model)), "v": data}
+
+
+def _decode_model(value: Any, obj: Mapping[str, Any]) -> Any:
     import pydantic
-except ImportError:  # pragma: no cover - exercised in envs without pydantic
-    pydantic = None  # type: ignore[assignment]
 
-if pydantic is not None:
-    _V2 = hasattr(pydantic.BaseModel, "model_dump")
+    cls: Any = resolve_class(obj["cls"], pydantic.BaseModel)
+    return cls.model_validate(value) if hasattr(cls, "model_validate") else cls.parse_obj(value)
 
-    def _encode_model(model: Any) -> dict[str, Any]:
-        data = model.model_dump(mode="json") if _V2 else json.loads(model.json())
-        return {TAG: "pydantic", "cls": _class_path(type(model)), "v": data}
 
-    def _decode_model(value: Any, obj: Mapping[str, Any]) -> Any:
-        cls: Any = resolve_class(obj["cls"], pydantic.BaseModel)
-        return cls.model_validate(value) if _V2 else cls.parse_obj(value)
+def _is_model(obj: Any) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(obj, pydantic.BaseModel)
 
-    register_type("pydantic", pydantic.BaseModel, _encode_model, _decode_model)
+
+_DECODERS["pydantic"] = _decode_model
 
 
 _kombu_register(SERIALIZER, dumps, loads, content_type=CONTENT_TYPE, content_encoding="utf-8")

@@ -48,6 +48,8 @@ class ContextTask(Task):
     pma_queue: str | None = None
     #: Per-task override of ``PYMACARON_ASYNC_PUBLISH``.
     pma_publish: str | None = None
+    #: Reports a hard time limit like a failure (see :class:`flask_pymacaron_async.consumer.Request`).
+    Request = "flask_pymacaron_async.consumer:Request"
 
     @property
     def pma_state(self) -> _State:
@@ -67,7 +69,7 @@ class ContextTask(Task):
         state = self.pma_state
         token = context.worker_token()
         try:
-            snapshot = state.signer.verify(token)
+            snapshot = state.signer.verify(token, max_age=state.settings.context_max_age)
         except ContextError as exc:
             log.error("Rejected task %s[%s]: %s", self.name, request.id, exc)
             raise Reject(str(exc), requeue=False) from None

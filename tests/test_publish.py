@@ -128,3 +128,29 @@ def test_broker_failure_after_response_falls_back_inline(unique, reports):
     response.close()
     seen = reports.one(unique, timeout=2)
     assert seen["url"] == "http://localhost/down?via=inline"
+
+
+def test_held_in_a_request_without_response_is_published_at_teardown(module_worker, reports, unique, queued):
+    app = create_app(PYMACARON_ASYNC_PUBLISH="after_response")
+    with app.test_request_context("/no-response"):
+        basic.record_value("torn", unique)
+        assert queued == []
+    assert queued == [basic.record_value.name]
+    assert reports.one(unique)["value"] == "torn"
+
+
+def test_held_in_a_request_that_raised_is_dropped(unique, queued):
+    app = create_app(PYMACARON_ASYNC_PUBLISH="after_response")
+    with pytest.raises(RuntimeError):
+        with app.test_request_context("/raises"):
+            basic.record_value("never", unique)
+            raise RuntimeError("view failed")
+    assert queued == []
+
+
+def test_task_queued_from_a_task_in_after_response_mode(app, start_worker, reports, unique):
+    queue = f"{basic.celery.conf.task_default_queue}-{unique}"
+    start_worker(env={"PMA_TEST_PUBLISH": "after_response"}, queue=f"{queue},{basic.celery.conf.task_default_queue}")
+    with app.test_request_context("/outer?from=task"):
+        basic.nested.apply_async((unique,), queue=queue)
+    assert reports.one(unique)["url"] == "http://localhost/outer?from=task"

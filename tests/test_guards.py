@@ -1,0 +1,277 @@
+"""Unit tests of the guards: transport/consumer settings, envelope checks, snapshot age."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from unittest import mock
+
+import pytest
+from flask import Flask, request
+
+from flask_pymacaron_async import ConfigError, ContextError, PymacaronAsync, context, transport
+
+ext = PymacaronAsync()
+SEEN: list = []
+
+
+@ext.task
+def outer():
+    SEEN.append(("outer", request.environ[context._CARRIED_ENVIRON_KEY]["ts"]))
+    inner.delay()
+
+
+@ext.task
+def inner():
+    SEEN.append(("inner", request.environ[context._CARRIED_ENVIRON_KEY]["ts"]))
+
+
+def _celery(broker="redis://127.0.0.1:6379/0", **config):
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", PYMACARON_ASYNC_BROKER_URL=broker, **config)
+    return PymacaronAsync(app).celery
+
+
+# -- which Celery settings the guards take --------------------------------------
+
+
+def test_redis_broker_gets_the_guarded_transport_and_consumer():
+    conf = _celery().conf
+    assert conf.broker_transport == transport.TRANSPORT
+    assert conf.worker_consumer == transport.CONSUMER
+    assert conf.broker_transport_options["socket_timeout"] == 2.0
+
+
+def test_amqp_broker_gets_the_consumer_only():
+    conf = _celery("amqp://guest:guest@127.0.0.1:5672//").conf
+    assert conf.broker_transport in (None, "")
+    assert conf.worker_consumer == transport.CONSUMER
+
+
+def test_celery_settings_of_the_app_win():
+    conf = _celery(CELERY={"worker_consumer": "my.consumer:Consumer", "broker_transport": "redis"}).conf
+    assert conf.worker_consumer == "my.consumer:Consumer"
+    assert conf.broker_transport == "redis"
+    # A broker URL given through CELERY decides too.
+    conf = _celery(CELERY={"broker_url": "amqp://127.0.0.1//"}).conf
+    assert conf.broker_transport in (None, "")
+
+
+def test_rediss_verifies_certificates_unless_told_otherwise():
+    conf = _celery("rediss://127.0.0.1:6380/0").conf
+    assert conf.broker_transport == transport.TRANSPORT
+    assert conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    mine = {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert _celery("rediss://127.0.0.1:6380/0", CELERY={"broker_use_ssl": mine}).conf.broker_use_ssl == mine
+
+
+# -- envelopes the transport drops -----------------------------------------------
+
+
+def _envelope(**changes):
+    envelope = {
+        "body": "W1tdLHt9LHt9XQ==",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {},
+        "properties": {
+            "delivery_tag": "t1",
+            "delivery_info": {"exchange": "", "routing_key": "q"},
+            "body_encoding": "base64",
+        },
+    }
+    envelope.update(changes)
+    return envelope
+
+
+@pytest.mark.parametrize(
+    ("envelope", "problem"),
+    [
+        (None, "a JSON null"),
+        ([1], "a JSON array"),
+        ("x", "a JSON string"),
+        (_envelope(properties=None), "no 'properties'"),
+        (_envelope(properties={"delivery_info": {"exchange": "", "routing_key": "q"}}), "no 'delivery_tag'"),
+        (_envelope(properties={"delivery_tag": "t"}), "no 'delivery_info'"),
+        (_envelope(headers=None), "'headers' is not a mapping"),
+        (_envelope(body=3), "'body' is not a string"),
+        (_envelope(body="%%%"), "not base64"),
+        (_envelope(**{"content-type": 1}), "'content-type' is not a string"),
+    ],
+)
+def test_envelope_problem(envelope, problem):
+    assert problem in transport.envelope_problem(envelope)
+
+
+def test_valid_envelope_has_no_problem():
+    assert transport.envelope_problem(_envelope()) is None
+    assert transport.envelope_problem(_envelope(body=None)) is None
+
+
+# -- the age of the context snapshot ----------------------------------------------
+
+
+def test_snapshot_max_age():
+    signer = context.ContextSigner("k")
+    snapshot = {"app": "a", "rid": None, "user": None, "env": None}
+    fresh = signer.sign(snapshot)
+    assert signer.verify(fresh, max_age=60)["ts"] == pytest.approx(time.time(), abs=5)
+    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 3600):
+        old = signer.sign(snapshot)
+    with pytest.raises(ContextError, match=r"expired: signed 3\d\d\ds ago, over PYMACARON_ASYNC_CONTEXT_MAX_AGE=60"):
+        signer.verify(old, max_age=60)
+    assert signer.verify(old)["app"] == "a"  # no max age: any age
+    # A worker whose clock runs behind the caller's does not see it as expired.
+    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() + 600):
+        ahead = signer.sign(snapshot)
+    assert signer.verify(ahead, max_age=60)
+    unstamped = signer._signer.sign(b'{"app":"a","env":null}').decode()
+    with pytest.raises(ContextError, match="no signing time"):
+        signer.verify(unstamped, max_age=60)
+
+
+@pytest.mark.parametrize("value", [0, -1, "7d", True, [1]])
+def test_context_max_age_is_validated(value):
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", PYMACARON_ASYNC_CONTEXT_MAX_AGE=value)
+    with pytest.raises(ConfigError, match="PYMACARON_ASYNC_CONTEXT_MAX_AGE"):
+        PymacaronAsync(app)
+
+
+def test_context_max_age_none_and_default():
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", PYMACARON_ASYNC_CONTEXT_MAX_AGE=None)
+    PymacaronAsync(app)
+    assert app.extensions["pymacaron_async"].settings.context_max_age is None
+    other = Flask(__name__)
+    other.config["SECRET_KEY"] = "k"
+    PymacaronAsync(other)
+    assert other.extensions["pymacaron_async"].settings.context_max_age == 7 * 24 * 3600
+
+
+def test_a_task_queued_from_a_task_is_signed_again():
+    """Its age counts from the hop that queued it, not from the first request."""
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", PYMACARON_ASYNC_ENABLED=False)
+    ext.init_app(app)
+    SEEN.clear()
+    six_days_ago = time.time() - 6 * 24 * 3600
+    with app.test_request_context("/start"):
+        with mock.patch("flask_pymacaron_async.context.time.time", return_value=six_days_ago):
+            token = context.take(app.extensions["pymacaron_async"])
+        outer.delay()
+    assert token
+    (_, outer_ts), (_, inner_ts) = SEEN
+    assert outer_ts == int(six_days_ago)
+    assert inner_ts == pytest.approx(time.time(), abs=5)
+
+
+# -- the consumer's last line of defence -------------------------------------------
+
+
+class _Channel:
+    def __init__(self):
+        self.rejected = []
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        self.rejected.append((delivery_tag, requeue))
+
+
+def _task_message(app, channel):
+    from kombu.message import Message
+
+    from tests.apps import basic
+
+    with app.test_request_context("/x"):
+        token = context.take(app.extensions["pymacaron_async"])
+    message = Message(
+        body=b'[["v", "k"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
+        delivery_tag="tag-1",
+        content_type="application/x-pymacaron-json",
+        content_encoding="utf-8",
+        headers={"task": basic.record_value.name, "id": "id-1", "retries": 0, context.HEADER: token},
+        channel=channel,
+    )
+    message.accept = {"application/x-pymacaron-json", "application/json"}
+    return message
+
+
+def test_an_error_while_celery_handles_a_message_rejects_the_message(app, monkeypatch, caplog):
+    """Whatever Celery raises on a message that passed the checks, the message goes, the worker stays."""
+    from celery.worker.consumer import Consumer as CeleryConsumer
+
+    from flask_pymacaron_async.consumer import Consumer
+
+    raised = []
+
+    def handler_factory(self, *args, **kwargs):
+        def handle(message):
+            raise raised[-1]
+
+        return handle
+
+    monkeypatch.setattr(CeleryConsumer, "create_task_handler", handler_factory)
+    consumer = Consumer.__new__(Consumer)
+    consumer.app = app.extensions["pymacaron_async"].celery
+    consumer.connection_errors, consumer.channel_errors = (OSError, KeyError), ()
+    on_task_received = consumer.create_task_handler()
+
+    channel = _Channel()
+    raised.append(KeyError("id"))
+    with caplog.at_level("ERROR", "flask_pymacaron_async.consumer"):
+        on_task_received(_task_message(app, channel))
+    assert channel.rejected == [("tag-1", False)]
+    assert "Rejected task tests.apps.basic.record_value[id-1]: Celery could not handle it: KeyError" in caplog.text
+
+    # A broker error is the broker's: kombu and Celery reconnect.
+    raised.append(ConnectionResetError("gone"))
+    with pytest.raises(ConnectionResetError):
+        on_task_received(_task_message(app, _Channel()))
+
+
+# -- taking a message is one atomic step -------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    from tests.faults import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_a_taken_message_is_recorded_before_the_worker_reads_it(own_redis):
+    """kombu's BRPOP leaves a taken message only in the worker's memory; the take script records it first."""
+    from kombu import Connection, Queue
+
+    queue = Queue("atomic", routing_key="atomic")
+    client = own_redis.client()
+    with Connection(own_redis.url, transport=transport.TRANSPORT) as conn:
+        conn.Producer().publish({"n": 1}, routing_key="atomic", declare=[queue])
+        channel = conn.default_channel
+        channel.basic_consume("atomic", False, lambda message: None, "tag")
+        conn.transport.cycle._register_BRPOP(channel)  # what the event loop does: the take is sent
+        deadline = time.monotonic() + 5
+        while client.llen("atomic") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Off the queue, not yet read by the consumer, and already unacknowledged.
+        assert client.llen("atomic") == 0
+        assert client.hlen("unacked") == 1 and client.zcard("unacked_index") == 1
+        # The consumer goes away before reading it: the message goes back to its queue now.
+        channel.close()
+        assert client.llen("atomic") == 1
+        assert client.hlen("unacked") == 0
+
+
+def test_queues_consumed_without_acknowledgement_keep_brpop(own_redis):
+    from kombu import Connection, Queue
+
+    with Connection(own_redis.url, transport=transport.TRANSPORT) as conn:
+        conn.Producer().publish({"n": 1}, routing_key="noack", declare=[Queue("noack", routing_key="noack")])
+        got = []
+        channel = conn.default_channel
+        channel.basic_consume("noack", True, got.append, "tag")
+        conn.drain_events(timeout=5)
+        assert channel._pma_sent == "BRPOP"
+        assert len(got) == 1 and own_redis.client().hlen("unacked") == 0

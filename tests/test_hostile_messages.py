@@ -1,0 +1,288 @@
+"""Bad messages never kill the worker or run.
+
+A corpus of hostile items is pushed straight onto the queue of a real worker
+(prefork pool) on a redis-server this module owns. For each: it is not
+executed, it is rejected (gone from the queue, nothing left unacknowledged),
+the worker logs one line with the reason, and the worker stays alive; a valid
+task queued after the corpus runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import pickle
+import re
+import time
+import uuid
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from flask_pymacaron_async import MessageTooLarge, context
+from tests.apps import reliable
+from tests.conftest import Worker
+from tests.faults import RedisServer, unique_queue, wait_for
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 1024 * 1024
+RUN = "hostile"
+_LEVEL = re.compile(r"^\[[^\]]*: (WARNING|ERROR|CRITICAL)/")
+
+
+class _Mkdir:
+    """A pickle that makes a directory when loaded: proof that pickle never runs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis-hostile")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def queue():
+    return unique_queue()
+
+
+@pytest.fixture(scope="module")
+def app(server, queue):
+    return reliable.create_app(broker=server.url, queue=queue, prefix="hostile")
+
+
+@pytest.fixture(scope="module")
+def template(app, server, queue):
+    """A valid message for ``work("hostile", 1, 0)``, as it sits in Redis."""
+    with app.test_request_context("/hostile", headers={"X-Request-Id": "rid-1"}):
+        reliable.work.delay(RUN, 1, 0)
+    raw = server.client().rpop(queue)
+    return json.loads(raw)
+
+
+@pytest.fixture(scope="module")
+def worker(server, queue, tmp_path_factory):
+    env = {"PMA_REL_BROKER_URL": server.url, "PMA_REL_QUEUE": queue, "PMA_REL_PREFIX": "hostile"}
+    worker = Worker(
+        "tests.apps.reliable:celery",
+        tmp_path_factory.mktemp("worker-hostile"),
+        "--pool=prefork",
+        "-c",
+        "1",
+        env=env,
+        queue=queue,
+    ).wait_ready()
+    yield worker
+    worker.stop()
+
+
+def _encode(value) -> str:
+    return base64.b64encode(value if isinstance(value, bytes) else json.dumps(value).encode()).decode()
+
+
+def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
+    """name -> (the item pushed onto the queue, a fragment of the expected log line)."""
+    secret = app.config["SECRET_KEY"]
+    signer = context.ContextSigner(secret)
+    good_token = template["headers"][context.HEADER]
+    snapshot = signer.verify(good_token)
+
+    def message(payload=None, **changes) -> dict:
+        m = copy.deepcopy(template)
+        m["headers"]["id"] = str(uuid.uuid4())
+        if payload is not None:
+            m["body"] = _encode(payload)
+        for path, value in changes.items():
+            target = m
+            *parents, last = path.split("__")
+            for p in parents:
+                target = target[p]
+            if value is _DROP:
+                target.pop(last, None)
+            else:
+                target[last] = value
+        return m
+
+    def raw(m) -> bytes:
+        return json.dumps(m).encode()
+
+    def header(name, value):
+        return raw(message(**{f"headers__{name}": value}))
+
+    valid = raw(message())
+    expired = mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 8 * 24 * 3600)
+    with expired:
+        old_token = signer.sign(snapshot)
+    forged = json.loads(signer._signer.unsign(good_token.encode()))
+    forged["user"] = "admin"
+    forged_token = json.dumps(forged, separators=(",", ":")) + "." + good_token.rsplit(".", 1)[1]
+    no_ts_token = signer._signer.sign(json.dumps({k: v for k, v in snapshot.items() if k != "ts"}).encode()).decode()
+    big = "x" * (LIMIT + 100 * 1024)
+    just_over = "x" * (LIMIT + 1000)
+    envelope = "not a readable message envelope"
+    item = "Rejected an item"
+    corpus = {
+        # Not a message envelope at all.
+        "text": (b"hello world", envelope),
+        "empty": (b"", envelope),
+        "whitespace": (b"   \n", envelope),
+        "json-null": (b"null", item),
+        "json-number": (b"42", item),
+        "json-string": (b'"a string"', item),
+        "json-true": (b"true", item),
+        "json-list": (b"[1, 2, 3]", item),
+        "non-utf8": (b"\xff\xfe\x00\x81garbage", envelope),
+        "non-utf8-inside-json": (valid[:40] + b"\xff\xfe" + valid[40:], "Rejected"),
+        "truncated-1": (valid[:1], envelope),
+        "truncated-half": (valid[: len(valid) // 2], envelope),
+        "truncated-last-byte": (valid[:-1], envelope),
+        "nested-arrays": (b"[" * 100_000 + b"]" * 100_000, envelope),
+        "nested-objects": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, envelope),
+        "kombu-type-tag": (b'{"__type__": "datetime", "__value__": "garbage"}', "Rejected"),
+        # An envelope kombu cannot turn into a message.
+        "no-properties": (raw(message(properties=_DROP)), "no 'properties'"),
+        "properties-list": (raw(message(properties=[1])), "no 'properties'"),
+        "no-delivery-tag": (raw(message(properties__delivery_tag=_DROP)), "delivery_tag"),
+        "delivery-tag-int": (raw(message(properties__delivery_tag=7)), "delivery_tag"),
+        "no-delivery-info": (raw(message(properties__delivery_info=_DROP)), "delivery_info"),
+        "no-routing-key": (raw(message(properties__delivery_info={"exchange": ""})), "delivery_info"),
+        "headers-null": (raw(message(headers=None)), "'headers' is not a mapping"),
+        "headers-list": (raw(message(headers=["task"])), "'headers' is not a mapping"),
+        "body-int": (raw(message(body=5)), "'body' is not a string"),
+        "body-not-base64": (raw(message(body="!!!not base64")), "not base64"),
+        "body-encoding-rot13": (raw(message(properties__body_encoding="rot13")), "rot13"),
+        "content-type-int": (raw(message(**{"content-type": 3})), "'content-type' is not a string"),
+        # Headers Celery cannot read.
+        "no-task-header": (raw(message(headers__task=_DROP)), "'task' header"),
+        "task-header-list": (header("task", ["a", "b"]), "'task' header"),
+        "task-header-int": (header("task", 1), "'task' header"),
+        "no-id-header": (raw(message(headers__id=_DROP)), "'id' header"),
+        "id-header-int": (header("id", 5), "'id' header"),
+        "unknown-task": (header("task", "tests.apps.reliable.nope"), "unknown task"),
+        "unknown-task-os-system": (header("task", "os.system"), "unknown task"),
+        "eta-garbage": (header("eta", "next tuesday"), "'eta' header"),
+        "eta-int": (header("eta", 12), "'eta' header"),
+        "expires-garbage": (header("expires", "never"), "'expires' header"),
+        "timelimit-string": (header("timelimit", "x"), "'timelimit'"),
+        "timelimit-short": (header("timelimit", [1]), "'timelimit'"),
+        "retries-string": (header("retries", "x"), "'retries'"),
+        "root-id-dict": (header("root_id", {"a": 1}), "'root_id'"),
+        # Bodies the worker must not decode or run.
+        "pickle": (
+            raw(
+                message(
+                    payload=pickle.dumps(((RUN, _Mkdir(str(marker)), 0), {}, {})),
+                    **{"content-type": "application/x-python-serialize", "content-encoding": "binary"},
+                )
+            ),
+            "not accepted",
+        ),
+        "pickle-content-type-json-body": (
+            raw(message(**{"content-type": "application/x-python-serialize"})),
+            "not accepted",
+        ),
+        "text-plain": (raw(message(**{"content-type": "text/plain"})), "not accepted"),
+        "yaml": (raw(message(**{"content-type": "application/x-yaml"})), "not accepted"),
+        "content-type-missing": (raw(message(**{"content-type": _DROP})), "not accepted"),
+        "body-not-json": (raw(message(payload=b"not json")), "cannot be decoded"),
+        "body-non-utf8": (raw(message(payload=b"\xff\xfe[]")), "cannot be decoded"),
+        "body-nested": (raw(message(payload=b"[" * 100_000)), "cannot be decoded"),
+        "body-unknown-rich-type": (raw(message(payload=[[{"__pma__": "nope"}], {}, {}])), "cannot be decoded"),
+        "body-bad-rich-value": (raw(message(payload=[[{"__pma__": "datetime", "v": 5}], {}, {}])), "cannot be decoded"),
+        "body-protocol-1": (raw(message(payload={"task": "tests.apps.reliable.work", "args": []})), "[args, kwargs"),
+        "body-two-items": (raw(message(payload=[[], {}])), "[args, kwargs"),
+        "body-args-not-list": (raw(message(payload=[1, {}, {}])), "[args, kwargs"),
+        "body-kwargs-not-dict": (raw(message(payload=[[], [], {}])), "[args, kwargs"),
+        "too-many-args": (raw(message(payload=[[RUN, 2, 0, 4, 5], {}, {}])), "do not match"),
+        "too-few-args": (raw(message(payload=[[RUN], {}, {}])), "do not match"),
+        "unknown-kwarg": (raw(message(payload=[[RUN, 3, 0], {"sudo": True}, {}])), "do not match"),
+        "over-max-bytes": (raw(message(payload=[[RUN, big, 0], {}, {}])), "PYMACARON_ASYNC_MAX_MESSAGE_BYTES"),
+        "args-just-over-max-bytes": (
+            raw(message(payload=[[RUN, just_over, 0], {}, {}])),
+            "PYMACARON_ASYNC_MAX_MESSAGE_BYTES",
+        ),
+        # The signed context snapshot.
+        "signature-missing": (raw(message(**{f"headers__{context.HEADER}": _DROP})), "no context snapshot"),
+        "signature-not-a-string": (header(context.HEADER, {"user": "admin"}), "no context snapshot"),
+        "signature-garbage": (header(context.HEADER, "garbage"), "signature does not match"),
+        "signature-forged": (header(context.HEADER, forged_token), "signature does not match"),
+        "signature-another-key": (
+            header(context.HEADER, context.ContextSigner("another-key").sign(snapshot)),
+            "signature does not match",
+        ),
+        "signature-expired": (header(context.HEADER, old_token), "expired"),
+        "signature-without-time": (header(context.HEADER, no_ts_token), "no signing time"),
+    }
+    return corpus
+
+
+_DROP = object()
+
+
+def _warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if _LEVEL.match(line)]
+
+
+def test_corpus(app, template, worker, server, queue, tmp_path):
+    """Every hostile item: rejected with one log line, not run, not requeued; the worker lives."""
+    marker = tmp_path / "pickle-ran"
+    corpus = _corpus(template, app, marker)
+    assert len(corpus) >= 50
+    client = server.client()
+    results = {}
+    for name, (item, reason) in corpus.items():
+        before = len(worker.log())
+        client.lpush(queue, item)
+
+        def logged():
+            return _warnings(worker.log()[before:])  # noqa: B023 (evaluated in this iteration)
+
+        lines = wait_for(logged, timeout=15, what=f"a log line for {name!r}")
+        wait_for(lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0, 10, what=f"{name!r} gone")
+        time.sleep(0.05)
+        lines = logged()
+        results[name] = lines
+        assert worker.alive(), f"the worker died on {name!r}:\n{worker.log()[before:]}"
+        assert len(lines) == 1, f"{name!r} logged {len(lines)} lines: {lines}"
+        assert "Rejected" in lines[0] and reason in lines[0], f"{name!r}: {lines[0]}"
+        assert "Traceback" not in worker.log()[before:], name
+    # Nothing of the corpus ran, nothing waits for a redelivery.
+    assert not marker.exists()
+    assert client.llen(f"hostile:{RUN}:started") == 0
+    assert client.llen(queue) == 0 and client.hlen("unacked") == 0
+    print(f"\nhostile corpus: {len(corpus)} items rejected, worker alive")
+
+    # A valid task queued after the corpus runs.
+    with app.test_request_context("/after"):
+        reliable.work.delay("after-corpus", 1, 0)
+    wait_for(lambda: client.sismember("hostile:after-corpus:done", 1), 15, what="the valid task")
+    assert worker.alive()
+
+
+def test_garbage_on_the_broadcast_channel(app, worker, server):
+    """Items published on the workers' pub/sub (remote control) channel do not kill the worker."""
+    client = server.client()
+    for item in (b"not json", b"null", b"[" * 100_000, b'{"no": "properties"}'):
+        client.publish("/0.celery.pidbox", item)
+    time.sleep(0.5)
+    assert worker.alive()
+    with app.test_request_context("/after"):
+        reliable.work.delay("after-pubsub", 1, 0)
+    wait_for(lambda: client.sismember("hostile:after-pubsub:done", 1), 15, what="the valid task")
+
+
+def test_oversized_call_is_refused_at_the_call_site(app, server, queue):
+    before = server.client().llen(queue)
+    with app.test_request_context("/big"), pytest.raises(MessageTooLarge, match="PYMACARON_ASYNC_MAX_MESSAGE_BYTES"):
+        reliable.work.delay(RUN, "x" * (LIMIT + 1), 0)
+    assert server.client().llen(queue) == before
