@@ -249,7 +249,7 @@ class Channel(redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         sent = self._pma_sent
         if sent == _BRPOP_CMD:
-            return self._guarded(super()._brpop_read, **options)
+            return self._guarded(super()._brpop_read, resync=True, **options)
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, sent, **options)
@@ -270,6 +270,10 @@ class Channel(redis.Channel):
             self._pma_next = _TAKE_CMD if sent == _WAIT_CMD else _WAIT_CMD
             raise Empty()
         self._pma_next = _TAKE_CMD
+        if not (isinstance(reply, (list, tuple)) and len(reply) == 3):
+            # Not what the script returns: the connection is out of step.
+            self._pma_resync(f"unexpected reply to the take script ({type(reply).__name__})")
+            raise Empty()
         key, item, tag = reply
         queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
@@ -310,7 +314,14 @@ class Channel(redis.Channel):
         if tag is not None:
             self.qos._remove_from_indices(tag).execute()
 
-    def _guarded(self, read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _pma_resync(self, reason: str) -> None:
+        """Drop the connection so the next read starts on a fresh one, in step with Redis."""
+        log.error("Reconnecting to the broker: %s", reason)
+        connection = getattr(self.client, "connection", None)
+        if connection is not None:
+            connection.disconnect()
+
+    def _guarded(self, read: Callable[..., Any], *args: Any, resync: bool = False, **kwargs: Any) -> Any:
         transport = self.connection
         transport._pma_delivering = False
         try:
@@ -323,6 +334,10 @@ class Channel(redis.Channel):
             if transport._pma_delivering or isinstance(exc, broker_errors(transport)):
                 raise
             log.error("Rejected an item popped from the broker: not a readable message envelope (%s)", _short(exc))
+            if resync and not isinstance(exc, (UnicodeDecodeError, ValueError)) or _is_reply_shape_error(exc):
+                # A reply of the wrong shape means the connection is out of
+                # step, not that the item is bad: every later read would fail.
+                self._pma_resync(_short(exc))
             raise Empty() from None
 
     def _receive_one(self, c: Any) -> Any:
@@ -338,6 +353,11 @@ class Channel(redis.Channel):
             log.error("Rejected an item from queue %r: %s", queue, problem)
             raise Empty()
         return envelope
+
+
+def _is_reply_shape_error(exc: BaseException) -> bool:
+    """kombu unpacking a BRPOP reply that is not ``[queue, item]``."""
+    return isinstance(exc, (ValueError, TypeError)) and "unpack" in str(exc)
 
 
 class Transport(redis.Transport):

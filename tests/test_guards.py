@@ -275,3 +275,28 @@ def test_queues_consumed_without_acknowledgement_keep_brpop(own_redis):
         conn.drain_events(timeout=5)
         assert channel._pma_sent == "BRPOP"
         assert len(got) == 1 and own_redis.client().hlen("unacked") == 0
+
+
+def test_a_reply_out_of_step_reconnects_instead_of_dropping_every_message(own_redis, caplog):
+    """A BRPOP reply of the wrong shape is a connection out of step: reconnect, then go on consuming."""
+    from kombu import Connection, Queue
+
+    queue = Queue("resync", routing_key="resync")
+    with Connection(own_redis.url, transport=transport.TRANSPORT) as conn:
+        channel = conn.default_channel
+        got = []
+        channel.basic_consume("resync", True, got.append, "tag")  # no ack: kombu's BRPOP path
+        conn.transport.cycle._register_BRPOP(channel)  # the event loop's poll: a connection in use
+
+        def out_of_step(**options):
+            raise ValueError("too many values to unpack (expected 2)")
+
+        connection = channel.client.connection
+        with mock.patch.object(connection, "disconnect", wraps=connection.disconnect) as disconnect:
+            with pytest.raises(transport.Empty):
+                channel._guarded(out_of_step, resync=True)
+        assert disconnect.called
+        assert "Reconnecting to the broker" in caplog.text
+        conn.Producer().publish({"n": 2}, routing_key="resync", declare=[queue])
+        conn.drain_events(timeout=5)
+        assert len(got) == 1
