@@ -14,6 +14,7 @@ import redis
 from flask import Flask, current_app, g, request, url_for
 
 from flask_pymacaron_async import PymacaronAsync, asynctask
+from tests.apps import carry_g_user
 
 ext = PymacaronAsync()
 
@@ -50,14 +51,7 @@ def create_app(**config):
     return app
 
 
-@ext.user_dumper
-def dump_user():
-    return g.get("user")
-
-
-@ext.user_loader
-def load_user(user_id):
-    g.user = user_id
+carry_g_user(ext)
 
 
 def report(key, value):

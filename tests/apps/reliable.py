@@ -18,6 +18,7 @@ from flask import Flask, current_app, g, request, session
 
 from flask_pymacaron_async import PymacaronAsync
 from flask_pymacaron_async.signals import task_failed
+from tests.apps import carry_g_user
 
 ext = PymacaronAsync()
 
@@ -72,14 +73,7 @@ def create_app(broker=None, queue=None, visibility=None, prefix=None, **config):
     return app
 
 
-@ext.user_dumper
-def dump_user():
-    return g.get("user")
-
-
-@ext.user_loader
-def load_user(user_id):
-    g.user = user_id
+carry_g_user(ext)
 
 
 def client() -> redis.Redis:

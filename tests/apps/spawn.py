@@ -21,6 +21,7 @@ from flask import Flask, current_app, g, request
 
 from flask_pymacaron_async import PymacaronAsync, asynctask
 from flask_pymacaron_async.config import DEFAULTS
+from tests.apps import carry_g_user
 
 _FLAGS = {"true": True, "false": False, "auto": "auto"}
 
@@ -58,14 +59,7 @@ def create_app() -> Flask:
     return app
 
 
-@ext.user_dumper
-def dump_user():
-    return g.get("user")
-
-
-@ext.user_loader
-def load_user(user_id):
-    g.user = user_id
+carry_g_user(ext)
 
 
 @asynctask(queue=os.environ.get("PMA_TEST_QUEUE", "pma-test") + "-spawn-extra")
