@@ -138,6 +138,15 @@ def kill_tree(worker) -> None:
             pass
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

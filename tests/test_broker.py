@@ -12,18 +12,11 @@ from flask import Flask
 from flask_pymacaron_async import PymacaronAsync, broker
 from flask_pymacaron_async.config import DEFAULTS, load_settings
 from tests.conftest import _free_port
+from tests.faults import alive
 
 
 def _dead_url() -> str:
     return f"redis://127.0.0.1:{_free_port()}/0"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_check_answers_none_when_the_broker_answers(broker_url):
@@ -115,7 +108,7 @@ def test_embedded_redis_runs_on_a_private_socket_and_stops():
         client.close()
         with pytest.raises(RuntimeError, match="already started"):
             embedded.start()
-    assert not _alive(pid)
+    assert not alive(pid)
     assert not os.path.exists(path)
     assert embedded.pid is None
     embedded.stop()  # twice is fine

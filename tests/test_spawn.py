@@ -24,21 +24,13 @@ import pytest
 
 from flask_pymacaron_async import spawn
 from tests.conftest import ROOT, _free_port
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.faults import alive
 
 
 def _wait_gone(*pids: int, timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [pid for pid in pids if _alive(pid)]
+        left = [pid for pid in pids if alive(pid)]
         if not left:
             return []
         time.sleep(0.1)
@@ -164,7 +156,7 @@ def test_flask_run_with_the_reloader_runs_one_worker(serve, reports, unique):
     assert server.post(f"/report?key={unique}") == 200
     seen = _report(reports, server, unique)
     assert seen["ppid"] != server.pid  # the reloader's child serves and owns the worker
-    assert _alive(seen["ppid"])
+    assert alive(seen["ppid"])
     assert _started_workers(server) == 1
     server.signal(signal.SIGINT, group=True)
     assert _wait_gone(seen["pid"], seen["ppid"]) == []
@@ -191,7 +183,7 @@ def test_app_run_with_the_reloader_starts_one_worker(serve, reports, unique):
     server = serve(*APP_RUN, PMA_SPAWN_RELOAD="1")
     assert server.post(f"/report?key={unique}") == 200
     seen = _report(reports, server, unique)
-    assert seen["ppid"] != server.pid and _alive(seen["ppid"])
+    assert seen["ppid"] != server.pid and alive(seen["ppid"])
     assert seen["user"] == "ada"
     assert _started_workers(server) == 1
     server.signal(signal.SIGINT, group=True)
@@ -297,7 +289,7 @@ def test_worker_process_stop_escalates_to_sigkill(tmp_path):
     started = time.monotonic()
     assert worker.stop(grace=1) == -signal.SIGKILL
     assert time.monotonic() - started < 20
-    assert not _alive(worker.pid)
+    assert not alive(worker.pid)
     assert worker.stop() == -signal.SIGKILL  # stopping twice is fine
 
 
@@ -329,7 +321,7 @@ def test_a_child_started_from_a_thread_dies_with_its_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         pid, status = parent.stdout.readline().split()
-        assert status == "None" and _alive(int(pid))
+        assert status == "None" and alive(int(pid))
     finally:
         parent.kill()
         parent.wait()

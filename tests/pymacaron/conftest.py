@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from tests.conftest import BROKER_URL, ROOT
+from tests.faults import wait_for
 
 SERVICE = Path(__file__).resolve().parent / "service"
 JWT_SECRET = "petshop-test-jwt-secret-not-for-production"
@@ -114,16 +115,6 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 class Server:
