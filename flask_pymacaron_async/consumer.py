@@ -27,7 +27,6 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
 from . import context, serialization
-from . import signals as pma_signals
 from .config import DEFAULTS
 from .errors import ContextError
 from .transport import broker_errors
@@ -90,24 +89,13 @@ class Request(CeleryRequest):
         state = getattr(self.task, "pma_state", None)
         if soft or state is None:
             return  # a soft limit raises in the task, which reports it
-        from .extension import _url
-
         exc = TimeLimitExceeded(timeout)
         try:
             snapshot = state.signer.verify(self._request_dict.get(context.HEADER))
         except ContextError:
             snapshot = {}
-        log.error(
-            "Task %s[%s] failed: %r (url=%s, user=%s, request_id=%s)",
-            self.name,
-            self.id,
-            exc,
-            _url(snapshot.get("env") or {}),
-            snapshot.get("user"),
-            snapshot.get("rid"),
-        )
         with state.app.app_context():
-            pma_signals.task_failed.send(state.app, task_name=self.name, task_id=self.id, exception=exc)
+            state.report_failure(self.name, self.id, exc, snapshot)
 
 
 def check_message(app: Any, message: Any, signatures: dict[str, inspect.Signature | None] | None = None) -> str | None:

@@ -349,22 +349,27 @@ class _State:
             except _CONTROL_FLOW:
                 raise
             except Exception as exc:
-                env = snapshot.get("env") or {}
-                # No traceback here: Celery logs it in the worker, and inline
-                # the exception reaches the caller.
-                log.error(
-                    "Task %s[%s] failed: %r (url=%s, user=%s, request_id=%s)",
-                    task.name,
-                    task_id,
-                    exc,
-                    _url(env),
-                    snapshot.get("user"),
-                    snapshot.get("rid"),
-                )
-                signals.task_failed.send(self.app, task_name=task.name, task_id=task_id, exception=exc)
+                self.report_failure(task.name, task_id, exc, snapshot)
                 raise
             signals.task_succeeded.send(self.app, task_name=task.name, task_id=task_id, result=value)
             return value
+
+    def report_failure(self, task_name: str, task_id: str | None, exc: BaseException, snapshot: dict[str, Any]) -> None:
+        """Log a failed task on the app's logger (id, name, URL, user; never a token) and send ``task_failed``.
+
+        No traceback here: Celery logs it in the worker, and inline the
+        exception reaches the caller.
+        """
+        self.app.logger.error(
+            "Task %s[%s] failed: %r (url=%s, user=%s, request_id=%s)",
+            task_name,
+            task_id,
+            exc,
+            _url(snapshot.get("env") or {}),
+            snapshot.get("user"),
+            snapshot.get("rid"),
+        )
+        signals.task_failed.send(self.app, task_name=task_name, task_id=task_id, exception=exc)
 
 
 def _login(manager: Any, user: Any) -> None:
