@@ -3,7 +3,7 @@
 ``python -m benchmarks.rebuild`` prints one JSON object, µs per task (median
 of 5 repetitions) for:
 
-- ``ext_pushed``: this extension's worker path, ``context.pushed(state, token,
+- ``ext_pushed``: this extension's worker path, ``context.pushed(state,
   snapshot)`` with the user loaded by ``user_loader`` (the 25 µs target);
 - ``ext_full``: everything ``ContextTask.__call__`` does around the body:
   signature check, ``pushed``, the started/succeeded signals;
@@ -54,11 +54,11 @@ def measure() -> dict[str, Any]:
     results: dict[str, Any] = {"loops": LOOPS, "repeats": REPEATS}
 
     def ext_pushed() -> None:
-        with context.pushed(state, token, snapshot):
+        with context.pushed(state, snapshot):
             pass
 
     def ext_full() -> None:
-        state.run_in_context(task, token, state.signer.verify(token), ARGS, {}, "task-id")
+        state.run_in_context(task, state.signer.verify(token), ARGS, {}, "task-id")
 
     def test_request_context() -> None:
         with app.test_request_context(URL, headers=HEADERS):

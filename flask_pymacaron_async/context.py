@@ -185,7 +185,7 @@ def request_id() -> str | None:
 
 
 @contextlib.contextmanager
-def pushed(state: _State, token: str, snapshot: dict[str, Any]) -> Iterator[None]:
+def pushed(state: _State, snapshot: dict[str, Any]) -> Iterator[None]:
     """Run the body inside a fresh app context and the request rebuilt from ``snapshot``.
 
     The app context is always a fresh one: reusing the caller's (inline mode)

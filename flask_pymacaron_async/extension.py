@@ -329,20 +329,19 @@ class _State:
         snapshot = self.signer.verify(token)
         args, kwargs = serialization.roundtrip([args, kwargs])
         signals.task_queued.send(self.app, task_name=task.name, task_id=task_id)
-        value = self.run_in_context(task, token, snapshot, args, kwargs, task_id)
+        value = self.run_in_context(task, snapshot, args, kwargs, task_id)
         return EagerResult(task_id, value, "SUCCESS")
 
     def run_in_context(
         self,
         task: ContextTask,
-        token: str,
         snapshot: dict[str, Any],
         args: Any,
         kwargs: Any,
         task_id: str | None,
     ) -> Any:
         """Run the task body inside the rebuilt context, with signals and failure logging."""
-        with context.pushed(self, token, snapshot):
+        with context.pushed(self, snapshot):
             signals.task_started.send(self.app, task_name=task.name, task_id=task_id)
             try:
                 value = task.run(*args, **kwargs)

@@ -73,7 +73,7 @@ class ContextTask(Task):
         except ContextError as exc:
             log.error("Rejected task %s[%s]: %s", self.name, request.id, exc)
             raise Reject(str(exc), requeue=False) from None
-        return state.run_in_context(self, token, snapshot, args, kwargs, request.id)
+        return state.run_in_context(self, snapshot, args, kwargs, request.id)
 
 
 class AsyncTask(Generic[R]):

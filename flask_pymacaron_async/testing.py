@@ -56,7 +56,6 @@ class CapturedTask:
         #: Whether :meth:`run` was called.
         self.ran = False
         self._task = task
-        self._token = token
         #: The verified context snapshot: ``app``, ``rid``, ``user``, ``env``.
         self.snapshot: dict[str, Any] = task.pma_state.signer.verify(token)
 
@@ -94,7 +93,7 @@ class CapturedTask:
         """Run the task here, as the worker would: in its rebuilt app and request context, as its user."""
         self.ran = True
         state = self._task.pma_state
-        return state.run_in_context(self._task, self._token, self.snapshot, self.args, self.kwargs, self.id)
+        return state.run_in_context(self._task, self.snapshot, self.args, self.kwargs, self.id)
 
     def __repr__(self) -> str:
         arguments = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
