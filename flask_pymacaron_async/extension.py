@@ -288,7 +288,8 @@ class _State:
             held = environ[_HELD_KEY] = []
             after_this_request(self._after_response)
         task_id = options.setdefault("task_id", str(uuid.uuid4()))
-        held.append((task, context.request_snapshot(self), args, kwargs, options))
+        context.request_snapshot(self)  # taken now, as an immediate call would
+        held.append((task, args, kwargs, options))
         return task.AsyncResult(task_id)
 
     def _after_response(self, response: Response) -> Response:
@@ -296,7 +297,8 @@ class _State:
         if response.status_code >= 500:
             log.debug("Response %s: dropping %d held task(s)", response.status_code, len(held))
         elif held:
-            response.call_on_close(lambda: self._publish_held(held))
+            snapshot = context.request_snapshot(self)
+            response.call_on_close(lambda: self._publish_held(snapshot, held))
         return response
 
     def _teardown(self, sender: Flask, exc: BaseException | None = None, **extra: Any) -> None:
@@ -307,16 +309,13 @@ class _State:
         if exc is not None:
             log.debug("Request failed (%r): dropping %d held task(s)", exc, len(held))
         else:
-            self._publish_held(held)
+            self._publish_held(context.request_snapshot(self), held)
 
-    def _publish_held(self, held: list[tuple[Any, ...]]) -> None:
-        """Publish the tasks of one request, on one producer; failures cannot reach the client any more."""
-        tokens: dict[int, str] = {}
+    def _publish_held(self, snapshot: dict[str, Any], held: list[tuple[Any, ...]]) -> None:
+        """Publish the tasks of one request, signed once, on one producer; failures cannot reach the client any more."""
+        token = self.signer.sign(snapshot)
         with self.celery.producer_or_acquire() as producer:
-            for task, snapshot, args, kwargs, options in held:
-                token = tokens.get(id(snapshot))
-                if token is None:
-                    token = tokens[id(snapshot)] = self.signer.sign(snapshot)
+            for task, args, kwargs, options in held:
                 try:
                     self._send(task, token, args, kwargs, {**options, "producer": producer})
                 except Exception as exc:
