@@ -76,10 +76,10 @@ def _check(key: str, ok: bool, expected: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
-def _number(config: Mapping[str, Any], key: str) -> float:
+def _number(config: Mapping[str, Any], key: str, expected: str = "a positive number") -> float:
     value = config[key]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    _check(key, ok, "a positive number", value)
+    _check(key, ok, expected, value)
     return value
 
 
@@ -127,12 +127,8 @@ def load_settings(config: dict[str, Any]) -> Settings:
     )
 
     max_age = config["PYMACARON_ASYNC_CONTEXT_MAX_AGE"]
-    _check(
-        "PYMACARON_ASYNC_CONTEXT_MAX_AGE",
-        max_age is None or (isinstance(max_age, (int, float)) and not isinstance(max_age, bool) and max_age > 0),
-        "a positive number of seconds, or None",
-        max_age,
-    )
+    if max_age is not None:
+        max_age = _number(config, "PYMACARON_ASYNC_CONTEXT_MAX_AGE", "a positive number of seconds, or None")
 
     secret = config["PYMACARON_ASYNC_SECRET_KEY"] or config.get("SECRET_KEY")
     if config["PYMACARON_ASYNC_ENABLED"] and not secret:
