@@ -98,6 +98,31 @@ def queue_sizes(celery: Celery, queues: Iterable[str], purge: bool = False) -> d
     return sizes
 
 
+def delayed_sizes(celery: Celery, queues: Iterable[str], purge: bool = False) -> dict[str, int]:
+    """Messages of each queue waiting in its delayed set (Redis: a long ``countdown``/``eta``, a deferral).
+
+    Removed first when ``purge``. Always 0 on other brokers.
+    """
+    from .deadletter import SCHEDULED_SUFFIX
+
+    sizes: dict[str, int] = {}
+    with celery.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0)
+        if connection.transport.driver_type != "redis":
+            return {name: 0 for name in queues}
+        import redis as redis_py
+
+        channel = connection.default_channel
+        client = redis_py.Redis(connection_pool=channel.pool)
+        prefix = getattr(channel, "global_keyprefix", "") or ""
+        for name in queues:
+            key = f"{prefix}{name}{SCHEDULED_SUFFIX}"
+            sizes[name] = int(client.zcard(key))
+            if purge:
+                client.delete(key)
+    return sizes
+
+
 def _close_quietly(channel: Any) -> None:
     try:
         channel.close()

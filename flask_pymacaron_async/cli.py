@@ -8,6 +8,8 @@ every app that uses the extension has it:
     flask --app myapp async worker --loglevel=INFO   # celery -A myapp:celery worker ...
     flask --app myapp async status                   # broker, queue depths, live workers
     flask --app myapp async purge --yes              # drop the waiting tasks
+    flask --app myapp async dead                     # what the workers refused, and tasks that failed for good
+    flask --app myapp async requeue --all            # put the dead letters back on their queue
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import click
 from flask.cli import AppGroup, ScriptInfo, pass_script_info
 
-from . import broker, spawn
+from . import broker, deadletter, spawn
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -125,6 +127,8 @@ def collect_status(state: _State, queues: list[str] | None = None, timeout: floa
     status: dict[str, Any] = {
         "broker": {"url": broker.describe(url), "ok": False, "error": None},
         "queues": {},
+        "delayed": {},
+        "dead_letters": {},
         "workers": {},
         "other_workers": 0,
     }
@@ -135,7 +139,9 @@ def collect_status(state: _State, queues: list[str] | None = None, timeout: floa
     status["broker"]["ok"] = True
     try:
         status["queues"] = broker.queue_sizes(celery, names)
-    except Exception as exc:  # the broker went away between the two calls
+        status["delayed"] = broker.delayed_sizes(celery, names)
+        status["dead_letters"] = deadletter.counts(celery, names)
+    except Exception as exc:  # the broker went away between the calls
         status["broker"].update(ok=False, error=" ".join(str(exc).split()))
         return status
     # A broker may serve other apps' workers: list those consuming these queues.
@@ -163,7 +169,14 @@ def _print_status(status: dict[str, Any]) -> None:
     click.echo(f"Broker: {b['url']} (reachable)")
     click.echo("Queues:")
     for name, size in status["queues"].items():
-        click.echo(f"  {name}: {size} waiting")
+        extra = ""
+        delayed = status["delayed"].get(name)
+        if delayed:
+            extra += f", {delayed} delayed"
+        dead = status["dead_letters"].get(name)
+        if dead:
+            extra += f", {dead} dead letter{'s' if dead != 1 else ''} (flask async dead)"
+        click.echo(f"  {name}: {size} waiting{extra}")
     workers = status["workers"]
     count = status["other_workers"]
     others = f" ({count} other worker{'s' if count > 1 else ''} answered)" if count else ""
@@ -186,10 +199,85 @@ def purge_command(info: ScriptInfo, queues: tuple[str, ...], yes: bool) -> None:
     url = broker.describe(celery.conf.broker_url)
     if not yes:
         click.confirm(f"Remove every task waiting in {', '.join(names)} on {url}? There is no undo", abort=True)
-    error = broker.check(celery.conf.broker_url, 2.0, dict(celery.conf.broker_transport_options or {}))
-    if error is not None:
-        raise click.ClickException(f"the broker {url} is unreachable: {error}")
+    _require_broker(celery)
     purged = broker.queue_sizes(celery, names, purge=True)
+    for name, count in broker.delayed_sizes(celery, names, purge=True).items():
+        purged[name] = purged.get(name, 0) + count
     total = sum(purged.values())
     details = ", ".join(f"{name}: {count}" for name, count in purged.items())
     click.echo(f"Purged {total} task{'s' if total != 1 else ''} ({details}).")
+
+
+@async_cli.command("dead", with_appcontext=False)
+@_queue_option
+@click.option("--json", "as_json", is_flag=True, help="Print the dead letters as JSON.")
+@click.option("--purge", is_flag=True, help="Delete them instead (with --yes, or after a confirmation).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (with --purge).")
+@pass_script_info
+def dead_command(info: ScriptInfo, queues: tuple[str, ...], as_json: bool, purge: bool, yes: bool) -> None:
+    """List the dead letters: messages the workers refused, and tasks that failed for good.
+
+    Each has an id (the task id when there is one), its queue, its age, the
+    task and the reason. ``flask async requeue ID`` puts one back.
+    """
+    state = _state(info.load_app())
+    celery = state.celery
+    names = list(queues) or broker.queue_names(celery)
+    _require_broker(celery)
+    if purge:
+        if not yes:
+            click.confirm(f"Delete every dead letter of {', '.join(names)}? There is no undo", abort=True)
+        purged = deadletter.purge(celery, names)
+        total = sum(purged.values())
+        click.echo(f"Deleted {total} dead letter{'s' if total != 1 else ''}.")
+        return
+    letters = deadletter.list_dead(celery, names)
+    if as_json:
+        click.echo(json.dumps([letter.describe() for letter in letters], indent=2))
+        return
+    if not letters:
+        click.echo(f"No dead letters in {', '.join(names)}.")
+        return
+    click.echo(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}:")
+    for letter in letters:
+        task = letter.task or "-"
+        click.echo(f"  {letter.id}  {letter.queue}  {_age(letter.age)} ago  {letter.kind}  {task}: {letter.reason}")
+
+
+@async_cli.command("requeue", with_appcontext=False)
+@_queue_option
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead letter.")
+@click.argument("ids", nargs=-1)
+@pass_script_info
+def requeue_command(info: ScriptInfo, queues: tuple[str, ...], everything: bool, ids: tuple[str, ...]) -> None:
+    """Put dead letters back on their queue (``--all``, or the given ids or task ids).
+
+    The worker checks each again: one refused for its signature is refused again.
+    """
+    if everything == bool(ids):
+        raise click.UsageError("Give the dead letters' ids, or --all")
+    state = _state(info.load_app())
+    celery = state.celery
+    names = list(queues) or broker.queue_names(celery)
+    _require_broker(celery)
+    requeued = deadletter.requeue(celery, names, None if everything else list(ids))
+    for letter in requeued:
+        click.echo(f"Requeued {letter.id} ({letter.task or 'an item'}) on {letter.queue}")
+    missing = set(ids) - {letter.id for letter in requeued} - {letter.task_id for letter in requeued}
+    click.echo(f"Requeued {len(requeued)} dead letter{'s' if len(requeued) != 1 else ''}.")
+    if missing:
+        raise click.ClickException(f"no dead letter with id {', '.join(sorted(missing))} in {', '.join(names)}")
+
+
+def _require_broker(celery: Any) -> None:
+    url = celery.conf.broker_url
+    error = broker.check(url, 2.0, dict(celery.conf.broker_transport_options or {}))
+    if error is not None:
+        raise click.ClickException(f"the broker {broker.describe(url)} is unreachable: {error}")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"

@@ -42,9 +42,13 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_PUBLISH_TIMEOUT": 2.0,
     "PYMACARON_ASYNC_FALLBACK": None,
     "PYMACARON_ASYNC_SECRET_KEY": None,
+    "PYMACARON_ASYNC_SECRET_KEY_FALLBACKS": [],
     "PYMACARON_ASYNC_MAX_MESSAGE_BYTES": 1024 * 1024,
     "PYMACARON_ASYNC_VISIBILITY_TIMEOUT": 3600,
     "PYMACARON_ASYNC_CONTEXT_MAX_AGE": 7 * 24 * 3600,
+    "PYMACARON_ASYNC_DEAD_LETTER_MAX": 10_000,
+    "PYMACARON_ASYNC_DEAD_LETTER_FAILED": True,
+    "PYMACARON_ASYNC_DEPLOY_GRACE": 600,
     "PYMACARON_ASYNC_SPAWN_WORKER": None,
     "PYMACARON_ASYNC_EMBEDDED_BROKER": "auto",
     "CELERY": {},
@@ -62,10 +66,14 @@ class Settings:
     publish: str
     publish_timeout: float
     fallback: str | None
-    secret_key: str | bytes | None
+    secret_key: str | bytes | None = dataclasses.field(repr=False)
+    secret_key_fallbacks: tuple[str | bytes, ...] = dataclasses.field(repr=False)
     max_message_bytes: int
     visibility_timeout: float
     context_max_age: float | None
+    dead_letter_max: int
+    dead_letter_failed: bool
+    deploy_grace: float
     spawn_worker: bool | None
     embedded_broker: str | bool
     celery: Mapping[str, Any]
@@ -76,11 +84,32 @@ def _check(key: str, ok: bool, expected: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
-def _number(config: Mapping[str, Any], key: str, expected: str = "a positive number") -> float:
+def _number(config: Mapping[str, Any], key: str, expected: str = "a positive number", zero: bool = False) -> float:
     value = config[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (zero and value == 0))
     _check(key, ok, expected, value)
     return value
+
+
+def _count(config: Mapping[str, Any], key: str) -> int:
+    value = config[key]
+    _check(key, isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer", value)
+    return int(value)
+
+
+def _keys(config: Mapping[str, Any], key: str) -> list[str | bytes]:
+    value = config.get(key)
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    _check(
+        key,
+        isinstance(value, (list, tuple)) and all(isinstance(k, (str, bytes)) and k for k in value),
+        "a list of keys (strings or bytes)",
+        "<hidden>",
+    )
+    return list(value)
 
 
 def load_settings(config: dict[str, Any]) -> Settings:
@@ -108,7 +137,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         f"one of {EMBEDDED_BROKER_MODES}",
         embedded,
     )
-    for key in ("PYMACARON_ASYNC_ENABLED",):
+    for key in ("PYMACARON_ASYNC_ENABLED", "PYMACARON_ASYNC_DEAD_LETTER_FAILED"):
         _check(key, isinstance(config[key], bool), "True or False", config[key])
     spawn = config["PYMACARON_ASYNC_SPAWN_WORKER"]
     _check("PYMACARON_ASYNC_SPAWN_WORKER", spawn in (None, True, False), "None, True or False", spawn)
@@ -118,19 +147,19 @@ def load_settings(config: dict[str, Any]) -> Settings:
     _check("PYMACARON_ASYNC_RESULT_BACKEND", backend is None or isinstance(backend, str), "a URL or None", backend)
     celery = config["CELERY"]
     _check("CELERY", isinstance(celery, Mapping), "a dict of Celery settings", celery)
-    max_bytes = config["PYMACARON_ASYNC_MAX_MESSAGE_BYTES"]
-    _check(
-        "PYMACARON_ASYNC_MAX_MESSAGE_BYTES",
-        isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0,
-        "a positive integer",
-        max_bytes,
-    )
+    max_bytes = _count(config, "PYMACARON_ASYNC_MAX_MESSAGE_BYTES")
+    dead_max = _count(config, "PYMACARON_ASYNC_DEAD_LETTER_MAX")
 
     max_age = config["PYMACARON_ASYNC_CONTEXT_MAX_AGE"]
     if max_age is not None:
         max_age = _number(config, "PYMACARON_ASYNC_CONTEXT_MAX_AGE", "a positive number of seconds, or None")
 
-    secret = config["PYMACARON_ASYNC_SECRET_KEY"] or config.get("SECRET_KEY")
+    own_secret = config["PYMACARON_ASYNC_SECRET_KEY"]
+    secret = own_secret or config.get("SECRET_KEY")
+    fallbacks = _keys(config, "PYMACARON_ASYNC_SECRET_KEY_FALLBACKS")
+    if not own_secret:
+        # Flask 3.1's: the keys SECRET_KEY had before.
+        fallbacks += _keys(config, "SECRET_KEY_FALLBACKS")
     if config["PYMACARON_ASYNC_ENABLED"] and not secret:
         raise ConfigError(
             "SECRET_KEY (or PYMACARON_ASYNC_SECRET_KEY) must be set: the request context "
@@ -146,9 +175,13 @@ def load_settings(config: dict[str, Any]) -> Settings:
         publish_timeout=_number(config, "PYMACARON_ASYNC_PUBLISH_TIMEOUT"),
         fallback=fallback,
         secret_key=secret,
+        secret_key_fallbacks=tuple(dict.fromkeys(k for k in fallbacks if k != secret)),
         max_message_bytes=max_bytes,
         visibility_timeout=_number(config, "PYMACARON_ASYNC_VISIBILITY_TIMEOUT"),
         context_max_age=max_age,
+        dead_letter_max=dead_max,
+        dead_letter_failed=config["PYMACARON_ASYNC_DEAD_LETTER_FAILED"],
+        deploy_grace=_number(config, "PYMACARON_ASYNC_DEPLOY_GRACE", "a number of seconds (0: no grace)", zero=True),
         spawn_worker=spawn,
         embedded_broker=embedded,
         celery=dict(celery),

@@ -1,14 +1,21 @@
-"""The worker's task consumer: every message is checked before Celery sees it.
+"""The worker's task consumer: every message is checked before Celery sees it, and nothing refused is lost.
 
 Celery's own consumer stops the worker ("Unrecoverable error") on some
 malformed task messages (headers of the wrong type, a body that is not
 ``[args, kwargs, embed]``, a missing task id), sends others through reconnect
-loops, and logs the rest on many lines with the full body. :class:`Consumer`
-checks each message first: its headers, task name, content type, size, body,
-arguments against the task's signature, and the signed context snapshot. A
-message that fails is logged on one line with the reason, rejected without
-requeue, and never runs; the worker goes on. Anything that still goes wrong
-while Celery handles a message rejects that message, not the worker.
+loops, logs the rest on many lines with the full body, and discards what it
+refuses. :class:`Consumer` checks each message first: its headers, task name,
+content type, size, body, arguments against the task's signature, and the
+context snapshot signed for this very message. A message that fails is
+logged on one line with the reason and moved into the dead letters of its
+queue (:mod:`flask_pymacaron_async.deadletter`); the worker goes on.
+
+Two refusals are often a deploy in progress rather than a bad message: a
+task this worker does not know, and arguments that do not match this
+worker's version of the task. Such a message goes back to its queue, a few
+seconds later each time, for ``PYMACARON_ASYNC_DEPLOY_GRACE`` seconds from
+the first refusal (a worker that knows it may take it meanwhile); then to
+the dead letters.
 
 :func:`flask_pymacaron_async.transport.configure` selects it through
 Celery's ``worker_consumer`` setting.
@@ -17,16 +24,20 @@ Celery's ``worker_consumer`` setting.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
-from typing import Any, Callable
+import threading
+import time
+import weakref
+from typing import Any, Callable, NamedTuple
 
-from celery import signals
-from celery.exceptions import TimeLimitExceeded
+from celery import signals as celery_signals
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
-from . import context, serialization
+from . import context, deadletter, serialization, signals
 from .config import DEFAULTS
 from .errors import ContextError
 from .transport import broker_errors
@@ -38,9 +49,25 @@ _EMBED_ROOM = 64 * 1024
 
 _OPTIONAL_STR = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "origin", "lang")
 
+# Seconds before a deferred message comes back: doubling, up to the cap.
+_DEFER_FIRST, _DEFER_MAX = 1.0, 30.0
+
+
+class Problem(NamedTuple):
+    """Why the worker will not run a message now."""
+
+    #: One line, for the log and the dead letter.
+    reason: str
+    #: A newer (or older) worker may run it: send it back for the deploy grace period first.
+    deferrable: bool = False
+
 
 class Consumer(CeleryConsumer):
     """Celery's worker consumer, checking each task message before it is handled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        deadletter.set_hostname(self.hostname)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
@@ -49,31 +76,45 @@ class Consumer(CeleryConsumer):
         def on_task_received(message: Any) -> Any:
             problem = check_message(self.app, message, signatures)
             if problem is not None:
-                return self._pma_reject(message, problem)
+                return self._pma_refuse(message, problem)
             try:
                 return handle(message)
             except Exception as exc:
                 if isinstance(exc, self._pma_broker_errors()):
                     raise
-                return self._pma_reject(message, f"Celery could not handle it: {_short(exc)}", exc)
+                return self._pma_refuse(message, Problem(f"Celery could not handle it: {_short(exc)}"), exc)
 
         return on_task_received
 
     def _pma_broker_errors(self) -> tuple[type[BaseException], ...]:
         return broker_errors(self)
 
-    def _pma_reject(self, message: Any, reason: str, exc: BaseException | None = None) -> None:
+    def _pma_refuse(self, message: Any, problem: Problem, exc: BaseException | None = None) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
+        headers.pop(context.VERIFIED, None)
         name, task_id = headers.get("task"), headers.get("id")
-        log.error(
-            "Rejected task %s[%s]: %s",
-            name if isinstance(name, str) else "?",
-            task_id if isinstance(task_id, str) else "?",
-            " ".join(reason.split())[:500],
-        )
+        reason = " ".join(problem.reason.split())[:500]
         if not message.acknowledged:
-            message.reject_log_error(log, self._pma_broker_errors(), requeue=False)
-        signals.task_rejected.send(sender=self, message=message, exc=exc)
+            if problem.deferrable:
+                deferred = _deferral(headers, _grace(self.app))
+                if deferred is not None:
+                    first, count, delay = deferred
+                    if defer(self.app, message, [first, count + 1], delay):
+                        log.warning(
+                            "Deferred task %s[%s]: %s; back on its queue in %gs (refused for %.0fs of "
+                            "PYMACARON_ASYNC_DEPLOY_GRACE=%gs, then dead-lettered)",
+                            _label(name),
+                            _label(task_id),
+                            reason,
+                            delay,
+                            time.time() - first,
+                            _grace(self.app),
+                        )
+                        return
+                elif _grace(self.app) > 0:
+                    reason += f" (no worker took it within PYMACARON_ASYNC_DEPLOY_GRACE={_grace(self.app):g}s)"
+            dead_letter(self.app, message, reason, task=name, task_id=task_id)
+        celery_signals.task_rejected.send(sender=self, message=message, exc=exc)
 
 
 class Request(CeleryRequest):
@@ -81,7 +122,9 @@ class Request(CeleryRequest):
 
     A task past its hard ``time_limit`` is killed by Celery without running
     any of its code: this reports it like a task that raised, with its id,
-    name, URL and user in the log and ``task_failed`` sent.
+    name, URL and user in the log and ``task_failed`` sent. A task that
+    failed for good (no retry asked, or none left) is kept in the dead letters
+    unless ``PYMACARON_ASYNC_DEAD_LETTER_FAILED`` is False.
     """
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
@@ -91,15 +134,221 @@ class Request(CeleryRequest):
             return  # a soft limit raises in the task, which reports it
         exc = TimeLimitExceeded(timeout)
         try:
-            snapshot = state.signer.verify(self._request_dict.get(context.HEADER))
+            # The consumer verified it before the task started.
+            snapshot = context.ContextSigner.decode(self._request_dict.get(context.HEADER))
         except ContextError:
             snapshot = {}
         with state.app.app_context():
             state.report_failure(self.name, self.id, exc, snapshot)
 
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
+        state = getattr(self.task, "pma_state", None)
+        if state is not None and not self.acknowledged and _final(self.task, exc):
+            if isinstance(exc, Reject):
+                reason = f"the task rejected it: {_short(exc)}"
+            else:
+                reason = f"failed: {_short(exc)}"
+            if isinstance(exc, Reject) or state.settings.dead_letter_failed:
+                dead_letter(
+                    self.task.app,
+                    self._message,
+                    reason,
+                    task=self.name,
+                    task_id=self.id,
+                    kind=deadletter.REFUSED if isinstance(exc, Reject) else deadletter.FAILED,
+                    exception=type(exc).__name__,
+                    acknowledge=False,
+                )
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
-def check_message(app: Any, message: Any, signatures: dict[str, inspect.Signature | None] | None = None) -> str | None:
-    """Why the worker of ``app`` must not run ``message``, or None when it may.
+
+def _final(task: Any, exc: BaseException) -> bool:
+    """Whether Celery is about to drop the message of a task that raised ``exc`` (it will not run again)."""
+    if isinstance(exc, Reject):
+        return not exc.requeue
+    if isinstance(exc, (Retry, Ignore, WorkerLostError, MemoryError, SystemExit, KeyboardInterrupt)):
+        return False
+    if type(exc).__name__ == "Terminated":  # revoked with terminate=True
+        return False
+    if isinstance(exc, TimeLimitExceeded):
+        return bool(getattr(task, "acks_on_failure_or_timeout", True)) and bool(getattr(task, "acks_on_timeout", True))
+    return True
+
+
+# -- refusing: dead letters and deferrals -----------------------------------------------
+
+
+def dead_letter(
+    celery: Any,
+    message: Any,
+    reason: str,
+    *,
+    task: Any = None,
+    task_id: Any = None,
+    kind: str = deadletter.REFUSED,
+    exception: str | None = None,
+    acknowledge: bool = True,
+) -> str | None:
+    """Move a received message into the dead letters of its queue, then acknowledge it.
+
+    Redis: in one atomic step with its removal from the unacknowledged set.
+    RabbitMQ: published to the dead-letter queue, confirmed, then acknowledged.
+    Another broker: rejected without requeue (it has no dead letters here).
+
+    :param acknowledge: False when Celery acknowledges the message itself afterwards.
+    :returns: the dead letter's id, or None when nothing was stored.
+    """
+    channel = message.channel
+    errors = _errors(channel)
+    state = getattr(celery, "pma_state", None)
+    fields = {
+        "task": task if isinstance(task, str) else None,
+        "task_id": task_id if isinstance(task_id, str) else None,
+        "kind": kind,
+        "exception": exception,
+    }
+    stored: str | None = None
+    if hasattr(channel, "pma_dead_letter"):
+        stored = channel.pma_dead_letter(message.delivery_tag, reason, **fields)
+    elif _is_amqp(channel):
+        queue = (message.delivery_info or {}).get("routing_key") or "?"
+        description = deadletter.entry(queue, reason, **fields)
+        body, headers, properties = deadletter.amqp_copy(message)
+        headers[deadletter.AMQP_HEADER] = json.dumps(description)
+        max_entries = (
+            state.settings.dead_letter_max if state is not None else DEFAULTS["PYMACARON_ASYNC_DEAD_LETTER_MAX"]
+        )
+        try:
+            _amqp_store(celery).publish(
+                queue + deadletter.SUFFIX, body, headers, properties, deadletter.amqp_arguments(max_entries)
+            )
+        except Exception as exc:
+            # Not stored: the message goes back to its queue rather than nowhere.
+            log.error("Could not dead-letter %s[%s]: %s; it stays on its queue", task, task_id, _short(exc))
+            if acknowledge and not message.acknowledged:
+                message.reject_log_error(log, errors, requeue=True)
+            return None
+        stored = description["id"]
+        deadletter.log_stored(description, stored, 0, max_entries)
+    else:
+        log.error(
+            "Rejected task %s[%s]: %s (this broker has no dead letters: the message is dropped)",
+            _label(task),
+            _label(task_id),
+            reason,
+        )
+        if acknowledge and not message.acknowledged:
+            message.reject_log_error(log, errors, requeue=False)
+        return None
+    if acknowledge and not message.acknowledged:
+        message.ack_log_error(log, errors)
+    if stored is not None and state is not None:
+        signals.message_dead_lettered.send(
+            state.app, task_name=fields["task"], task_id=fields["task_id"], reason=reason, dead_letter_id=stored
+        )
+    return stored
+
+
+def defer(celery: Any, message: Any, deferred: list[float], delay: float) -> bool:
+    """Send a received message back to its queue in ``delay`` seconds, counting the deferral in its headers."""
+    channel = message.channel
+    errors = _errors(channel)
+    if hasattr(channel, "pma_defer"):
+        envelope = dict(message._raw)  # kombu's virtual transport keeps the envelope it decoded
+        headers = {k: v for k, v in (envelope.get("headers") or {}).items() if k != context.VERIFIED}
+        headers[deadletter.DEFERRED] = deferred
+        envelope["headers"] = headers
+        if not channel.pma_defer(message.delivery_tag, envelope, delay):
+            return True  # back on its queue already (visibility timeout)
+    elif _is_amqp(channel):
+        queue = (message.delivery_info or {}).get("routing_key") or "?"
+        body, headers, properties = deadletter.amqp_copy(message)
+        headers[deadletter.DEFERRED] = deferred
+        # Waits in a queue nobody consumes; expired, RabbitMQ routes it back to its queue.
+        arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+        try:
+            _amqp_store(celery).publish(
+                queue + deadletter.DEFERRED_SUFFIX, body, headers, properties, arguments, expiration=delay
+            )
+        except Exception as exc:
+            log.error("Could not defer %s: %s", message.delivery_info, _short(exc))
+            return False
+    else:
+        return False
+    if not message.acknowledged:
+        message.ack_log_error(log, errors)
+    return True
+
+
+def _deferral(headers: dict[str, Any], grace: float) -> tuple[float, int, float] | None:
+    """(first refusal, deferrals so far, next delay) for a message, or None once its grace period is over."""
+    now = time.time()
+    first, count = now, 0
+    seen = headers.get(deadletter.DEFERRED)
+    if (
+        isinstance(seen, (list, tuple))
+        and len(seen) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seen)
+    ):
+        first, count = min(float(seen[0]), now), int(seen[1])
+    if now - first >= grace:
+        return None
+    delay = min(_DEFER_FIRST * 2 ** min(count, 10), _DEFER_MAX, max(grace - (now - first), 0.1))
+    return first, count, round(delay, 3)
+
+
+def _dead_letter_max(celery: Any) -> int:
+    state = getattr(celery, "pma_state", None)
+    return int(state.settings.dead_letter_max if state is not None else DEFAULTS["PYMACARON_ASYNC_DEAD_LETTER_MAX"])
+
+
+def _grace(celery: Any) -> float:
+    state = getattr(celery, "pma_state", None)
+    if state is None:
+        return float(DEFAULTS["PYMACARON_ASYNC_DEPLOY_GRACE"])
+    return float(state.settings.deploy_grace)
+
+
+def _is_amqp(channel: Any) -> bool:
+    return getattr(_kombu_connection(channel).transport, "driver_type", None) == "amqp"
+
+
+def _kombu_connection(channel: Any) -> Any:
+    """The kombu ``Connection`` of a channel (virtual transports and py-amqp both keep it as ``client``)."""
+    return channel.connection.client
+
+
+def _errors(channel: Any) -> tuple[type[BaseException], ...]:
+    return broker_errors(_kombu_connection(channel))
+
+
+_AMQP_STORES: weakref.WeakKeyDictionary[Any, deadletter.AmqpStore] = weakref.WeakKeyDictionary()
+_AMQP_LOCK = threading.Lock()
+
+
+def _amqp_store(celery: Any) -> deadletter.AmqpStore:
+    with _AMQP_LOCK:
+        store = _AMQP_STORES.get(celery)
+        if store is None:
+            store = _AMQP_STORES[celery] = deadletter.AmqpStore(celery)
+        return store
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) and value else "?"
+
+
+# -- checking ----------------------------------------------------------------------
+
+
+def check_message(
+    app: Any, message: Any, signatures: dict[str, inspect.Signature | None] | None = None
+) -> Problem | None:
+    """Why the worker of ``app`` must not run ``message`` now, or None when it may.
+
+    A message that passes and carries a context is marked verified (header
+    :data:`~flask_pymacaron_async.context.VERIFIED`) for the task that runs it.
 
     :param app: the Celery app of the worker.
     :param message: a kombu message whose envelope was readable.
@@ -107,34 +356,37 @@ def check_message(app: Any, message: Any, signatures: dict[str, inspect.Signatur
     """
     headers = message.headers
     if not isinstance(headers, dict):
-        return "its headers are not a mapping"
+        return Problem("its headers are not a mapping")
+    # Only this consumer sets it, after checking the signature below.
+    headers.pop(context.VERIFIED, None)
     name = headers.get("task")
     if not isinstance(name, str) or not name:
-        return "its 'task' header is missing or not a task name: not a Celery task message (protocol 2)"
-    if not isinstance(headers.get("id"), str) or not headers["id"]:
-        return "its 'id' header is missing or not a string"
+        return Problem("its 'task' header is missing or not a task name: not a Celery task message (protocol 2)")
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        return Problem("its 'id' header is missing or not a string")
     task = app.tasks.get(name)
     if task is None:
-        return f"unknown task {name!r} (is the module that declares it imported by the worker?)"
+        return Problem(f"unknown task {name!r} (is the module that declares it imported by the worker?)", True)
     problem = _header_problem(headers)
     if problem is not None:
-        return problem
+        return Problem(problem)
 
     state = getattr(app, "pma_state", None)
     limit = state.settings.max_message_bytes if state is not None else DEFAULTS["PYMACARON_ASYNC_MAX_MESSAGE_BYTES"]
     body = message.body
     if body is not None and len(body) > limit + _EMBED_ROOM:
-        return f"its body takes {len(body)} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}"
+        return Problem(f"its body takes {len(body)} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}")
     accept = getattr(message, "accept", None)
     if accept is not None and message.content_type not in accept:
-        return (
+        return Problem(
             f"its content type {message.content_type!r} is not accepted "
             f"(the worker takes {', '.join(sorted(accept))}; never pickle)"
         )
     try:
         payload = message.decode()
     except Exception as exc:
-        return f"its body cannot be decoded as {message.content_type!r}: {_short(exc.__cause__ or exc)}"
+        return Problem(f"its body cannot be decoded as {message.content_type!r}: {_short(exc.__cause__ or exc)}")
     if not (
         isinstance(payload, (list, tuple))
         and len(payload) == 3
@@ -142,21 +394,23 @@ def check_message(app: Any, message: Any, signatures: dict[str, inspect.Signatur
         and isinstance(payload[1], dict)
         and isinstance(payload[2], (dict, type(None)))
     ):
-        return "its body is not [args, kwargs, embed]"
+        return Problem("its body is not [args, kwargs, embed]")
     args, kwargs = payload[0], payload[1]
     if body is not None and len(body) > limit:
         size = len(serialization.dumps([args, kwargs]))
         if size > limit:
-            return f"its arguments take {size} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}"
+            return Problem(f"its arguments take {size} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}")
 
     problem = _arguments_problem(task, args, kwargs, signatures if signatures is not None else {})
     if problem is not None:
-        return problem
+        return Problem(problem, True)
     if state is not None and hasattr(task, "pma_state"):
+        token = headers.get(context.HEADER)
         try:
-            state.signer.verify(headers.get(context.HEADER), max_age=state.settings.context_max_age)
+            state.signer.verify(token, name, task_id, body or b"", max_age=state.settings.context_max_age)
         except ContextError as exc:
-            return str(exc)
+            return Problem(str(exc))
+        headers[context.VERIFIED] = state.mark(token)
     return None
 
 

@@ -4,27 +4,29 @@ A snapshot is a small dict::
 
     {"app": import name, "rid": request id, "user": what user_dumper returned,
      "env": the WSGI environ keys needed to rebuild the request, or None,
-     "ts": when it was signed (Unix time, added by ContextSigner.sign)}
+     "ts": when it was signed (Unix time, added by ContextSigner.payload)}
 
-It travels signed in the message header :data:`HEADER`. In the worker,
-:func:`pushed` pushes a fresh app context and a request context built from
+It travels in the message header :data:`HEADER`, signed for that message
+(:class:`ContextSigner`): the signature covers the task name, the task id and
+the encoded body too. In the worker, :func:`pushed` pushes a fresh app context and a request context built from
 ``env`` (no ``test_request_context``: the environ is a plain dict copy).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from flask import g, has_app_context, has_request_context, request
 from flask.ctx import RequestContext
 from flask.sessions import SecureCookieSession
-from itsdangerous import BadSignature, Signer
 
 from .errors import ContextError
 
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 #: Name of the Celery message header that carries the signed snapshot.
 HEADER = "pymacaron_async_context"
+#: Header the worker's consumer sets on a message whose snapshot it verified
+#: (a secret of the worker's processes: a value sent by anyone else never matches).
+VERIFIED = "pymacaron_async_verified"
 
 # Where the signed snapshot of the current request is kept, so it is taken at
 # most once per request and carried on by tasks queued from inside a task.
@@ -67,38 +72,60 @@ def environ_key(header: str) -> str:
 
 
 class ContextSigner:
-    """Signs and verifies snapshots with a key derived once, not per task."""
+    """Signs a snapshot for one message, and checks it there.
 
-    def __init__(self, secret_key: str | bytes) -> None:
-        if isinstance(secret_key, str):
-            secret_key = secret_key.encode("utf-8")
-        key = hashlib.sha256(b"flask-pymacaron-async.context\0" + secret_key).digest()
-        self._signer = Signer(key, key_derivation="none", digest_method=hashlib.sha256)
+    A token is ``<payload>.<signature>``: the payload is the snapshot as JSON
+    (with ``ts``, the signing time), the signature an HMAC-SHA256 of the
+    payload, the task name, the task id and a SHA-256 digest of the message
+    body exactly as encoded (arguments, callbacks, chain). A token copied onto
+    another message, or a body changed under its token, does not verify.
 
-    def sign(self, snapshot: dict[str, Any]) -> str:
-        data = json.dumps({**snapshot, "ts": int(time.time())}, separators=(",", ":")).encode("utf-8")
-        return self._signer.sign(data).decode("ascii")
+    Signing uses the first key; verifying tries every key, so a worker keeps
+    accepting messages signed with the keys in ``SECRET_KEY_FALLBACKS`` /
+    ``PYMACARON_ASYNC_SECRET_KEY_FALLBACKS`` during a key rotation.
 
-    def verify(self, token: Any, max_age: float | None = None) -> dict[str, Any]:
-        """The snapshot in ``token``; :class:`ContextError` if it is missing, tampered or too old.
+    :param secret_key: the current key.
+    :param fallbacks: older keys still accepted.
+    """
 
+    def __init__(self, secret_key: str | bytes, fallbacks: Iterable[str | bytes] = ()) -> None:
+        self._keys = [_derive(key) for key in (secret_key, *fallbacks)]
+
+    def __repr__(self) -> str:
+        return f"<ContextSigner with {len(self._keys)} key(s)>"
+
+    @staticmethod
+    def payload(snapshot: dict[str, Any]) -> str:
+        """The snapshot as the JSON text a token carries, stamped with the signing time."""
+        return json.dumps({**snapshot, "ts": int(time.time())}, separators=(",", ":"))
+
+    def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+        """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``."""
+        return f"{payload}.{_mac(self._keys[0], payload, task_name, task_id, body)}"
+
+    def verify(
+        self,
+        token: Any,
+        task_name: str,
+        task_id: str,
+        body: bytes | str,
+        max_age: float | None = None,
+    ) -> dict[str, Any]:
+        """The snapshot in ``token``; :class:`ContextError` if it is missing, forged, moved, or too old.
+
+        :param task_name: the ``task`` header of the message the token came with.
+        :param task_id: its ``id`` header.
+        :param body: its body, as encoded (after decompression).
         :param max_age: seconds since signing after which the snapshot is refused
             (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
         """
-        if not isinstance(token, str):
-            raise ContextError(f"no context snapshot in header {HEADER!r}")
-        try:
-            data = self._signer.unsign(token.encode("utf-8", "surrogateescape"))
-        except BadSignature:
+        payload, signature = _split(token)
+        if not any(hmac.compare_digest(signature, _mac(key, payload, task_name, task_id, body)) for key in self._keys):
             raise ContextError(
-                "the context snapshot's signature does not match (tampered, or another SECRET_KEY)"
-            ) from None
-        try:
-            snapshot = json.loads(data)
-        except ValueError as exc:
-            raise ContextError(f"the context snapshot is not JSON: {exc}") from None
-        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("env"), (dict, type(None))):
-            raise ContextError("the context snapshot is not a snapshot")
+                "the context snapshot's signature does not match this message (tampered, moved from another "
+                "message, or signed with a key this worker does not have: see SECRET_KEY_FALLBACKS)"
+            )
+        snapshot = _load(payload)
         if max_age is not None:
             signed = snapshot.get("ts")
             if not isinstance(signed, (int, float)) or isinstance(signed, bool):
@@ -112,30 +139,95 @@ class ContextSigner:
                 )
         return snapshot
 
+    @staticmethod
+    def decode(token: Any) -> dict[str, Any]:
+        """The snapshot in a token, **without checking its signature**.
+
+        Only for a token already verified (by the worker's consumer) or for
+        logging; :class:`ContextError` when it is not a token at all.
+        """
+        return _load(_split(token)[0])
+
+
+def _derive(secret_key: str | bytes) -> bytes:
+    if isinstance(secret_key, str):
+        secret_key = secret_key.encode("utf-8")
+    return hashlib.sha256(b"flask-pymacaron-async.context\0" + secret_key).digest()
+
+
+def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    # Newline-separated: JSON text never holds a raw newline, so no two
+    # messages give the same input; the body digest has a fixed length.
+    message = b"\n".join(
+        (
+            payload.encode("utf-8", "surrogateescape"),
+            json.dumps([task_name, task_id]).encode("utf-8", "surrogateescape"),
+            hashlib.sha256(body).digest(),
+        )
+    )
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _split(token: Any) -> tuple[str, str]:
+    if not isinstance(token, str):
+        raise ContextError(f"no context snapshot in header {HEADER!r}")
+    payload, sep, signature = token.rpartition(".")
+    if not sep or not payload:
+        raise ContextError("the context snapshot's signature does not match this message (not a signed snapshot)")
+    return payload, signature
+
+
+def _load(payload: str) -> dict[str, Any]:
+    try:
+        snapshot = json.loads(payload)
+    except ValueError as exc:
+        raise ContextError(f"the context snapshot is not JSON: {exc}") from None
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("env"), (dict, type(None))):
+        raise ContextError("the context snapshot is not a snapshot")
+    return snapshot
+
+
+class Unsigned(str):
+    """A snapshot payload waiting for its signature.
+
+    The publisher puts one in the :data:`HEADER` header; the Celery app's
+    :class:`~flask_pymacaron_async.amqp.AMQP` replaces it with the token
+    signed for the message, once the message's id and body are final.
+    """
+
+    __slots__ = ()
+
 
 def take(state: _State) -> str:
-    """The signed snapshot of the current context, taken at most once per request."""
+    """The snapshot payload of the current context (see :meth:`ContextSigner.payload`).
+
+    Taken at most once per request (and once per app context outside a
+    request); in the worker, the snapshot of the running task is carried on.
+    """
     if has_request_context():
         environ = request.environ
-        token = environ.get(_ENVIRON_KEY)
-        if token is None:
-            token = environ[_ENVIRON_KEY] = state.signer.sign(request_snapshot(state))
-        return token
+        payload = environ.get(_ENVIRON_KEY)
+        if payload is None:
+            payload = environ[_ENVIRON_KEY] = ContextSigner.payload(request_snapshot(state))
+        return payload  # type: ignore[no-any-return]
     if has_app_context():
-        token = g.get(_G_KEY)
-        if token is None:
+        payload = g.get(_G_KEY)
+        if payload is None:
             carried = g.get(_CARRIED_G_KEY)
-            token = state.signer.sign(carried if carried is not None else _snapshot(state, None))
-            setattr(g, _G_KEY, token)
-        return token
+            payload = ContextSigner.payload(carried if carried is not None else _snapshot(state, None))
+            setattr(g, _G_KEY, payload)
+        return payload  # type: ignore[no-any-return]
     # Outside any app context: a chain or callback sent by the worker after a
     # task returned carries that task's context on; anything else (a script)
     # gets a snapshot without a request.
-    token = worker_token()
-    if token is not None:
-        return token
+    carried = worker_snapshot(state)
+    if carried is not None:
+        return ContextSigner.payload(carried)
     with state.app.app_context():
-        return state.signer.sign(_snapshot(state, None))
+        return ContextSigner.payload(_snapshot(state, None))
 
 
 def request_snapshot(state: _State) -> dict[str, Any]:
@@ -147,16 +239,28 @@ def request_snapshot(state: _State) -> dict[str, Any]:
     return snapshot  # type: ignore[no-any-return]
 
 
-def worker_token() -> str | None:
-    """The signed snapshot of the task the worker is running, if any."""
+def header(request: Any, name: str) -> Any:
+    """A custom header of a Celery task request (Celery 5.1 shows them only as attributes)."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def worker_snapshot(state: _State) -> dict[str, Any] | None:
+    """The snapshot of the task the worker is running, when the worker's consumer verified it."""
     from celery import current_task
 
     if not current_task:
         return None
-    request = current_task.request
-    # Celery 5.1 exposes custom headers only as request attributes.
-    token = getattr(request, HEADER, None) or (request.headers or {}).get(HEADER)
-    return token if isinstance(token, str) else None
+    task_request = current_task.request
+    token = header(task_request, HEADER)
+    if not state.is_verified(header(task_request, VERIFIED), token):
+        return None
+    try:
+        return ContextSigner.decode(token)
+    except ContextError:
+        return None
 
 
 def _snapshot(state: _State, environ: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import secrets
 import uuid
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -21,7 +23,7 @@ from flask import (
     request_tearing_down,
 )
 
-from . import context, serialization, signals, transport
+from . import context, deadletter, serialization, signals, transport
 from .config import Settings, load_settings
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge
@@ -122,6 +124,37 @@ class PymacaronAsync:
         self._user_dumper = func
         return func
 
+    # -- dead letters ----------------------------------------------------------
+
+    def _queues(self, queue: str | None) -> list[str]:
+        from .broker import queue_names
+
+        return [queue] if queue else queue_names(self.celery)
+
+    def dead_letters(self, queue: str | None = None) -> list[deadletter.DeadLetter]:
+        """The dead letters of the app's queues (or of ``queue``), newest first.
+
+        What the worker refused (with the reason) and the tasks that failed
+        for good; see :doc:`reliability`.
+        """
+        return deadletter.list_dead(self.celery, self._queues(queue))
+
+    def requeue_dead_letters(
+        self, ids: list[str] | None = None, queue: str | None = None
+    ) -> list[deadletter.DeadLetter]:
+        """Put dead letters back on their queue: those with these ids (or task ids), or all when ``ids`` is None.
+
+        The worker checks them again: a message refused for its signature is
+        refused again.
+
+        :returns: the dead letters requeued.
+        """
+        return deadletter.requeue(self.celery, self._queues(queue), ids)
+
+    def purge_dead_letters(self, queue: str | None = None) -> int:
+        """Delete the dead letters of the app's queues (or of ``queue``); how many there were. There is no undo."""
+        return sum(deadletter.purge(self.celery, self._queues(queue)).values())
+
     def user_loader(self, func: F) -> F:
         """Register the function that restores the user in the worker.
 
@@ -140,13 +173,18 @@ class _State:
         self.app = app
         self.settings = settings
         self.import_name = app.import_name
-        self.signer = ContextSigner(settings.secret_key or os.urandom(32))
+        self.signer = ContextSigner(settings.secret_key or os.urandom(32), settings.secret_key_fallbacks)
+        # Proof, inside the worker's processes, that the consumer verified a
+        # message's signature (the task body runs in a pool process, without the body).
+        self._verified_key = secrets.token_bytes(32)
         self.header_keys = tuple(context.environ_key(h) for h in settings.context_headers)
         self.celery = self._make_celery()
 
     def _make_celery(self) -> Celery:
         s = self.settings
-        celery = Celery(self.import_name, set_as_current=False, task_cls=ContextTask)
+        celery = Celery(
+            self.import_name, set_as_current=False, task_cls=ContextTask, amqp="flask_pymacaron_async.amqp:AMQP"
+        )
         timeout = s.publish_timeout
         # Bounded retries everywhere a call can touch the broker or the result
         # backend: Celery's defaults retry for tens of seconds.
@@ -166,6 +204,7 @@ class _State:
             broker_connection_retry_on_startup=True,
             broker_transport_options={
                 "visibility_timeout": s.visibility_timeout,
+                "dead_letter_max": s.dead_letter_max,
                 "socket_connect_timeout": timeout,
                 # A broker that accepts connections and never answers (paused,
                 # half-open TCP) must fail a publish too, not hang it.
@@ -180,6 +219,18 @@ class _State:
         transport.configure(celery, s.celery)
         celery.pma_state = self  # type: ignore[attr-defined]
         return celery
+
+    # -- verification mark ---------------------------------------------------
+
+    def mark(self, token: str) -> str:
+        """The mark the consumer gives a message whose context ``token`` it verified."""
+        return hmac.new(self._verified_key, token.encode("utf-8", "surrogateescape"), "sha256").hexdigest()
+
+    def is_verified(self, mark: Any, token: Any) -> bool:
+        """Whether ``mark`` is this worker's mark for ``token``."""
+        if not isinstance(mark, str) or not isinstance(token, str):
+            return False
+        return hmac.compare_digest(mark, self.mark(token))
 
     # -- tasks ---------------------------------------------------------------
 
@@ -244,7 +295,7 @@ class _State:
                 f"PYMACARON_ASYNC_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}"
             )
         if not self.settings.enabled:
-            return self.run_inline(task, context.take(self), args, kwargs)
+            return self.run_inline(task, context.take(self), encoded, args, kwargs)
         if task.pma_delay and "countdown" not in options and "eta" not in options:
             options["countdown"] = task.pma_delay
         if task.pma_queue and "queue" not in options:
@@ -252,13 +303,20 @@ class _State:
         options.setdefault("retry", False)
         if (task.pma_publish or self.settings.publish) == "after_response" and has_request_context():
             return self._hold(task, args, kwargs, options)
-        return self._send(task, context.take(self), args, kwargs, options)
+        return self._send(task, context.take(self), args, kwargs, options, encoded)
 
     def _send(
-        self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+        self,
+        task: ContextTask,
+        payload: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        encoded: str | None = None,
     ) -> AsyncResult:
+        """Hand one call to Celery; :class:`~flask_pymacaron_async.amqp.AMQP` signs its context for the message."""
         headers = dict(options.pop("headers", None) or {})
-        headers[context.HEADER] = token
+        headers[context.HEADER] = context.Unsigned(payload)
         try:
             result = task._publish(args, kwargs, headers=headers, **options)
         except Exception as exc:
@@ -266,7 +324,9 @@ class _State:
                 raise
             if self.settings.fallback == "inline":
                 log.warning("Broker unavailable (%s); running %s inline", exc, task.name)
-                return self.run_inline(task, token, args, kwargs)
+                if encoded is None:
+                    encoded = serialization.dumps([args, kwargs])
+                return self.run_inline(task, payload, encoded, args, kwargs)
             reason = " ".join(str(exc).split())
             raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
         signals.task_queued.send(self.app, task_name=task.name, task_id=result.id)
@@ -279,8 +339,8 @@ class _State:
     ) -> AsyncResult:
         """Keep a call until the response has been sent; its id is known now.
 
-        Only the unsigned snapshot is taken before the response: signing
-        happens once per request, after it.
+        Only the snapshot is taken before the response: its payload is
+        written once per request, after it, and signed per message.
         """
         environ = request.environ
         held = environ.get(_HELD_KEY)
@@ -312,21 +372,24 @@ class _State:
             self._publish_held(context.request_snapshot(self), held)
 
     def _publish_held(self, snapshot: dict[str, Any], held: list[tuple[Any, ...]]) -> None:
-        """Publish the tasks of one request, signed once, on one producer; failures cannot reach the client any more."""
-        token = self.signer.sign(snapshot)
+        """Publish the tasks of one request on one producer; failures cannot reach the client any more."""
+        payload = ContextSigner.payload(snapshot)
         with self.celery.producer_or_acquire() as producer:
             for task, args, kwargs, options in held:
                 try:
-                    self._send(task, token, args, kwargs, {**options, "producer": producer})
+                    self._send(task, payload, args, kwargs, {**options, "producer": producer})
                 except Exception as exc:
                     log.error("Task %s[%s] not published after the response: %s", task.name, options["task_id"], exc)
                     signals.task_failed.send(self.app, task_name=task.name, task_id=options["task_id"], exception=exc)
 
-    def run_inline(self, task: ContextTask, token: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> EagerResult:
-        """Run a call in this process, through the same path as in the worker."""
+    def run_inline(
+        self, task: ContextTask, payload: str, encoded: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> EagerResult:
+        """Run a call in this process, through the same path as in the worker (signed, checked, decoded)."""
         task_id = str(uuid.uuid4())
-        snapshot = self.signer.verify(token)
-        args, kwargs = serialization.roundtrip([args, kwargs])
+        token = self.signer.sign(payload, task.name, task_id, encoded)
+        snapshot = self.signer.verify(token, task.name, task_id, encoded)
+        args, kwargs = serialization.loads(encoded)
         signals.task_queued.send(self.app, task_name=task.name, task_id=task_id)
         value = self.run_in_context(task, snapshot, args, kwargs, task_id)
         return EagerResult(task_id, value, "SUCCESS")

@@ -2,7 +2,9 @@
 
 Every signal is sent with the Flask app as sender and these keyword arguments:
 ``task_name`` and ``task_id``; ``task_failed`` adds ``exception``,
-``task_succeeded`` adds ``result``.
+``task_succeeded`` adds ``result``, ``message_dead_lettered`` adds ``reason``
+and ``dead_letter_id`` (its ``task_name`` and ``task_id`` are None for an item
+that was not a task message).
 
 .. code-block:: python
 
@@ -30,3 +32,7 @@ task_succeeded = _signals.signal("task-succeeded")
 
 #: Sent when a task raised, or when it could not be published after the response.
 task_failed = _signals.signal("task-failed")
+
+#: Sent in the worker when a message it refused, or a task that failed for
+#: good, was moved into the dead letters.
+message_dead_lettered = _signals.signal("message-dead-lettered")

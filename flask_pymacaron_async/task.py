@@ -67,11 +67,15 @@ class ContextTask(Task):
         if request.called_directly:
             return self.run(*args, **kwargs)
         state = self.pma_state
-        token = context.worker_token()
+        token = context.header(request, context.HEADER)
         try:
-            snapshot = state.signer.verify(token, max_age=state.settings.context_max_age)
+            if not state.is_verified(context.header(request, context.VERIFIED), token):
+                raise ContextError(
+                    "its context was not checked by the worker's consumer (is Celery's worker_consumer "
+                    "setting overridden?)"
+                )
+            snapshot = context.ContextSigner.decode(token)
         except ContextError as exc:
-            log.error("Rejected task %s[%s]: %s", self.name, request.id, exc)
             raise Reject(str(exc), requeue=False) from None
         return state.run_in_context(self, snapshot, args, kwargs, request.id)
 

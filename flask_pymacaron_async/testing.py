@@ -40,8 +40,9 @@ class CapturedTask:
         task_id: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        token: str,
+        payload: str,
         options: dict[str, Any],
+        body: bytes | str = b"",
     ) -> None:
         #: The task's full name (``module.function``).
         self.name: str = task.name
@@ -56,8 +57,11 @@ class CapturedTask:
         #: Whether :meth:`run` was called.
         self.ran = False
         self._task = task
+        # Signed for this call and verified, as the worker does.
+        signer = task.pma_state.signer
+        token = signer.sign(payload, task.name, task_id, body)
         #: The verified context snapshot: ``app``, ``rid``, ``user``, ``env``.
-        self.snapshot: dict[str, Any] = task.pma_state.signer.verify(token)
+        self.snapshot: dict[str, Any] = signer.verify(token, task.name, task_id, body)
 
     @property
     def app(self) -> Flask:
@@ -179,7 +183,7 @@ class CapturedTasks:
         conf = task.app.conf
         content_type, encoding, body = dumps([list(args or ()), dict(kwargs or {})], serializer=conf.task_serializer)
         args, kwargs = loads(body, content_type, encoding, accept=prepare_accept_content(conf.accept_content))
-        self._calls.append(CapturedTask(task, task_id, tuple(args), kwargs, headers[HEADER], options))
+        self._calls.append(CapturedTask(task, task_id, tuple(args), kwargs, headers[HEADER], options, body))
         return task.AsyncResult(task_id)
 
 

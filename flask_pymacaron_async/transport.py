@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
+import weakref
+from datetime import datetime
 from queue import Empty
 from time import monotonic, time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
+
+from . import deadletter
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +49,6 @@ CONSUMER = "flask_pymacaron_async.consumer:Consumer"
 
 # Broker URL schemes served by kombu's plain Redis transport.
 _REDIS_SCHEMES = ("redis", "rediss")
-# Takes the first item of KEYS and, when it is an envelope kombu can
-# acknowledge, records it as unacknowledged (kombu's unacked hash and index)
-# in the same atomic step. ARGV: unacked hash, unacked index, the time.
-# Returns {key, item, delivery tag or false}, or false when every list is empty.
-_TAKE = """
-for i = 1, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local ok, envelope = pcall(cjson.decode, item)
-    if ok and type(envelope) == 'table' and type(envelope['properties']) == 'table' then
-      local properties = envelope['properties']
-      local tag, info = properties['delivery_tag'], properties['delivery_info']
-      if type(tag) == 'string' and tag ~= '' and type(info) == 'table'
-          and type(info['exchange']) == 'string' and type(info['routing_key']) == 'string' then
-        redis.call('ZADD', ARGV[2], ARGV[3], tag)
-        redis.call('HSET', ARGV[1], tag,
-          '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
-        return {KEYS[i], item, tag}
-      end
-    end
-    return {KEYS[i], item, false}
-  end
-end
-return false
-"""
 _TAKE_CMD, _WAIT_CMD, _BRPOP_CMD = "EVAL", "BLMOVE", "BRPOP"
 
 _JSON_KINDS = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
@@ -165,10 +145,12 @@ class QoS(redis.QoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
+        self.channel._pma_keys.pop(delivery_tag, None)
         super().ack(delivery_tag)
         self._take_next()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.channel._pma_keys.pop(delivery_tag, None)
         super().reject(delivery_tag, requeue=requeue)
         self._take_next()
 
@@ -192,20 +174,27 @@ class QoS(redis.QoS):
 
 
 class Channel(redis.Channel):
-    """kombu's Redis channel; an item it cannot decode is logged and dropped."""
+    """kombu's Redis channel: messages taken atomically, refused ones dead-lettered, long delays kept aside."""
 
     QoS = QoS
     #: Scan on every sweep (``broker_transport_options`` may set it).
     unacked_restore_throttle = 1
-    from_transport_options = (*redis.Channel.from_transport_options, "unacked_restore_throttle")
+    #: Entries kept per queue in the dead letters (``PYMACARON_ASYNC_DEAD_LETTER_MAX``).
+    dead_letter_max = 10_000
+    from_transport_options = (*redis.Channel.from_transport_options, "unacked_restore_throttle", "dead_letter_max")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pma_recorded: set[str] = set()
         self._pma_no_ack: dict[str, bool] = {}
+        # The list key each unacknowledged message was taken from, by delivery tag.
+        self._pma_keys: dict[str, str] = {}
         self._pma_sent = _BRPOP_CMD
         self._pma_next = _TAKE_CMD
         self._pma_atomic: bool | None = None
         super().__init__(*args, **kwargs)
+        channels = getattr(self.connection, "_pma_channels", None)
+        if channels is not None:
+            channels.add(self)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         # kombu builds a new redis-py client for every command it sends (~60 us
@@ -218,9 +207,147 @@ class Channel(redis.Channel):
             cached = self._pma_client = (pool, super()._create_client())
         return cached[1]
 
+    def _pma_redis(self) -> Any:
+        """A plain redis-py client on the channel's pool: it never adds ``global_keyprefix`` by itself."""
+        import redis as redis_py
+
+        pool = self.pool
+        cached = self.__dict__.get("_pma_plain")
+        if cached is None or cached[0] is not pool:
+            cached = self._pma_plain = (pool, redis_py.Redis(connection_pool=pool))
+        return cached[1]
+
+    def _pma_key(self, name: str) -> str:
+        return f"{self.global_keyprefix or ''}{name}"
+
+    def _pma_queue(self, key: str) -> str:
+        """The queue of a list key (without its priority suffix)."""
+        return key.rsplit(self.sep, 1)[0]
+
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         self._pma_no_ack[queue] = bool(no_ack)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    # -- publishing: a long delay waits in a sorted set ----------------------------
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        due = _due(message)
+        # A worker holds a message it received early, unacknowledged, until it
+        # is due: past the visibility timeout another worker would run it too.
+        if due is None or due - time() <= self.visibility_timeout / 2:
+            return super()._put(queue, message, **kwargs)
+        key = self._pma_key(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)))
+        scheduled = self._pma_key(queue + deadletter.SCHEDULED_SUFFIX)
+        with self.conn_or_acquire():
+            self._pma_redis().zadd(scheduled, {deadletter.member(key, dumps(message)): due})
+
+    def pma_move_due(self) -> int:
+        """Move the delayed messages of this channel's queues that are due soon onto their queue.
+
+        Called every second in the worker; one atomic script, so with several
+        workers each message moves once.
+        """
+        queues = list(self.active_queues)
+        if not queues:
+            return 0
+        keys = [self._pma_key(queue + deadletter.SCHEDULED_SUFFIX) for queue in queues]
+        return int(self._pma_redis().eval(deadletter.MOVE_DUE, len(keys), *keys, time() + self._pma_lead(), 100) or 0)
+
+    def _pma_lead(self) -> float:
+        """How early a delayed message moves onto its queue before it is due.
+
+        Far below the visibility timeout: the worker that takes it holds it,
+        unacknowledged, only that long before it runs it.
+        """
+        return min(self.visibility_timeout / 4, 5.0)
+
+    # -- dead letters and deferred messages ----------------------------------------
+
+    def pma_dead_letter(self, delivery_tag: str, reason: str, **fields: Any) -> str | None:
+        """Move an unacknowledged message into the dead letters of its queue, atomically.
+
+        :returns: the dead letter's id, or None when the message was not
+            unacknowledged any more (back on its queue after the visibility timeout).
+        """
+        key = self._pma_keys.pop(delivery_tag, None)
+        queue = self._pma_queue(key) if key is not None else fields.pop("queue", None) or "?"
+        description = deadletter.entry(queue, reason, key=key or queue, format="unacked", **fields)
+        reply = self._pma_redis().eval(
+            deadletter.DEAD_FROM_UNACKED,
+            2,
+            self._pma_key(self.unacked_key),
+            self._pma_key(self.unacked_index_key),
+            delivery_tag,
+            self.global_keyprefix or "",
+            queue,
+            description["id"],
+            json.dumps(description),
+            self.dead_letter_max,
+        )
+        if not reply:
+            log.warning(
+                "Task %s[%s] was back on its queue before it could be dead-lettered",
+                fields.get("task"),
+                fields.get("task_id"),
+            )
+            return None
+        stored, dropped = bytes_to_str(reply[0]), int(reply[1])
+        deadletter.log_stored(description, stored, dropped, self.dead_letter_max)
+        return stored
+
+    def pma_defer(self, delivery_tag: str, envelope: dict[str, Any], delay: float) -> bool:
+        """Put an unacknowledged message back on its queue in ``delay`` seconds, atomically.
+
+        :param envelope: the message as it goes back (headers updated).
+        :returns: False when the message was not unacknowledged any more.
+        """
+        key = self._pma_keys.pop(delivery_tag, None) or envelope["properties"]["delivery_info"]["routing_key"]
+        scheduled = self._pma_key(self._pma_queue(key) + deadletter.SCHEDULED_SUFFIX)
+        return bool(
+            self._pma_redis().eval(
+                deadletter.DEFER_FROM_UNACKED,
+                3,
+                self._pma_key(self.unacked_key),
+                self._pma_key(self.unacked_index_key),
+                scheduled,
+                delivery_tag,
+                # Not early: a deferred message has no due time for the worker to wait for.
+                time() + delay + self._pma_lead(),
+                deadletter.member(self._pma_key(key), dumps(envelope)),
+            )
+        )
+
+    def _pma_dead_item(self, key: str, item: bytes, reason: str) -> None:
+        """Dead-letter an item already off its queue (kombu's BRPOP and GET take it in one step)."""
+        queue = self._pma_queue(key)
+        description = deadletter.entry(queue, reason, key=key, raw=item)
+        reply = self._pma_redis().eval(
+            deadletter.DEAD_ITEM,
+            0,
+            self.global_keyprefix or "",
+            queue,
+            description["id"],
+            json.dumps(description),
+            item,
+            self.dead_letter_max,
+        )
+        deadletter.log_stored(description, bytes_to_str(reply[0]), int(reply[1]), self.dead_letter_max)
+
+    def _pma_refine(self, queue: str, stored: str, dropped: int, reason: str) -> None:
+        """Log an item the take script dead-lettered, and put the exact reason in its entry."""
+        meta_key = self._pma_key(queue + deadletter.SUFFIX + ".meta")
+        client = self._pma_redis()
+        description: dict[str, Any] = {"queue": queue, "reason": reason, "kind": deadletter.REFUSED}
+        try:
+            current = client.hget(meta_key, stored)
+            if current is not None:
+                description = {**json.loads(current), "reason": reason}
+                client.hset(meta_key, stored, json.dumps(description))
+        except (ValueError, self.ResponseError) as exc:  # the entry stays, with the script's reason
+            log.debug("Could not refine dead letter %s: %s", stored, _short(exc))
+        deadletter.log_stored(description, stored, dropped, self.dead_letter_max)
+
+    # -- taking messages -------------------------------------------------------
 
     def _atomic_take(self) -> bool:
         """Whether this channel takes messages with the take script."""
@@ -230,26 +357,38 @@ class Channel(redis.Channel):
                 major, minor = (int(part) for part in version.split(".")[:2])
             except (ValueError, TypeError, self.ResponseError):  # INFO disabled or unreadable
                 major = minor = 0
-            self._pma_atomic = (major, minor) >= (6, 2) and not getattr(self, "global_keyprefix", None)
+            self._pma_atomic = (major, minor) >= (6, 2)
         return self._pma_atomic and not any(self._pma_no_ack.get(q, True) for q in self.active_queues)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if not self._atomic_take():
-            self._pma_sent = _BRPOP_CMD
-            return super()._brpop_start(timeout)
         if timeout is None:
             timeout = getattr(self, "brpop_timeout", 1)  # kombu 5.2: always 1
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        names = [queue for _ in self.priority_steps for queue in queues]
+        keys = [self._pma_key(self._q_for_pri(queue, pri)) for pri in self.priority_steps for queue in queues]
         connection = self.client.connection
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
+        if not self._atomic_take():
+            self._pma_sent = _BRPOP_CMD
+            connection.send_command(_BRPOP_CMD, *keys, timeout or 0)
+            return
         self._pma_sent = self._pma_next
         if self._pma_sent == _TAKE_CMD:
             connection.send_command(
-                _TAKE_CMD, _TAKE, len(keys), *keys, self.unacked_key, self.unacked_index_key, time()
+                _TAKE_CMD,
+                deadletter.TAKE,
+                len(keys),
+                *keys,
+                self._pma_key(self.unacked_key),
+                self._pma_key(self.unacked_index_key),
+                time(),
+                self.dead_letter_max,
+                deadletter.hostname(),
+                self.global_keyprefix or "",
+                *names,
             )
         else:
             # Wait, without taking, until the first queue has a message; the
@@ -259,8 +398,6 @@ class Channel(redis.Channel):
 
     def _brpop_read(self, **options: Any) -> Any:
         sent = self._pma_sent
-        if sent == _BRPOP_CMD:
-            return self._guarded(super()._brpop_read, resync=True, **options)
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, sent, **options)
@@ -268,6 +405,8 @@ class Channel(redis.Channel):
                 self.client.connection.disconnect()
                 raise
             except self.ResponseError as exc:
+                if sent == _BRPOP_CMD:
+                    raise
                 # No Lua or no BLMOVE on this server after all: kombu's way.
                 log.warning("Taking messages atomically failed (%s); using BRPOP", _short(exc))
                 self._pma_atomic = False
@@ -281,30 +420,61 @@ class Channel(redis.Channel):
             self._pma_next = _TAKE_CMD if sent == _WAIT_CMD else _WAIT_CMD
             raise Empty()
         self._pma_next = _TAKE_CMD
-        if not (isinstance(reply, (list, tuple)) and len(reply) == 3):
-            # Not what the script returns: the connection is out of step.
-            self._pma_resync(f"unexpected reply to the take script ({type(reply).__name__})")
+        lengths = (2,) if sent == _BRPOP_CMD else (3, 5)
+        if not isinstance(reply, (list, tuple)) or len(reply) not in lengths:
+            # Not what the command returns: the connection is out of step.
+            self._pma_resync(f"unexpected reply to {sent} ({type(reply).__name__})")
             raise Empty()
-        key, item, tag = reply
-        queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+        key = bytes_to_str(reply[0])
+        if self.global_keyprefix and key.startswith(self.global_keyprefix):
+            key = key[len(self.global_keyprefix) :]
+        queue = self._pma_queue(key)
         self._queue_cycle.rotate(queue)
-        tag = bytes_to_str(tag) if tag else None
+        item = reply[1]
+        tag = bytes_to_str(reply[2]) if len(reply) > 2 and reply[2] else None
         try:
             envelope = loads(bytes_to_str(item))
         except Exception as exc:  # whatever kombu's JSON decoder raises on garbage
-            self._pma_drop(
-                tag, f"Rejected an item from queue {queue!r}: not a readable message envelope ({_short(exc)})"
-            )
-            raise Empty() from None
-        problem = envelope_problem(envelope)
+            problem = f"not a readable message envelope ({_short(exc)})"
+        else:
+            problem = envelope_problem(envelope)
+        if len(reply) == 5:
+            # The take script dead-lettered it already.
+            self._pma_refine(queue, bytes_to_str(reply[3]), int(reply[4]), problem or "not a message envelope")
+            raise Empty()
         if problem is not None:
-            self._pma_drop(tag, f"Rejected an item from queue {queue!r}: {problem}")
+            if tag is not None:
+                self._pma_keys[tag] = key
+                self.pma_dead_letter(tag, problem)
+            else:
+                self._pma_dead_item(key, item if isinstance(item, bytes) else item.encode(), problem)
             raise Empty()
         if tag is not None:
             self._pma_recorded.add(tag)
+            self._pma_keys[tag] = key
+        elif not self._pma_no_ack.get(queue, True):
+            self._pma_keys[envelope["properties"]["delivery_tag"]] = key
         self.connection._pma_checked = envelope
         self.connection._deliver(envelope, queue)
         return True
+
+    def _get(self, queue: str) -> Any:
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                key = self._q_for_pri(queue, pri)
+                item = client.rpop(key)
+                if not item:
+                    continue
+                try:
+                    envelope = loads(bytes_to_str(item))
+                except Exception as exc:  # whatever kombu's JSON decoder raises on garbage
+                    problem: str | None = f"not a readable message envelope ({_short(exc)})"
+                else:
+                    problem = envelope_problem(envelope)
+                if problem is None:
+                    return envelope
+                self._pma_dead_item(key, item, problem)
+        raise Empty()
 
     def close(self) -> None:
         if self._in_poll and self._pma_sent == _TAKE_CMD and not self.closed:
@@ -316,14 +486,9 @@ class Channel(redis.Channel):
                 log.debug("Could not read the last message taken (%s)", _short(exc))
                 reply = None
             self._in_poll = None
-            if reply and reply[2]:
+            if reply and len(reply) == 3 and reply[2]:
                 self.qos.restore_by_tag(bytes_to_str(reply[2]))
         super().close()
-
-    def _pma_drop(self, tag: str | None, reason: str) -> None:
-        log.error("%s", reason)
-        if tag is not None:
-            self.qos._remove_from_indices(tag).execute()
 
     def _pma_resync(self, reason: str) -> None:
         """Drop the connection so the next read starts on a fresh one, in step with Redis."""
@@ -332,51 +497,66 @@ class Channel(redis.Channel):
         if connection is not None:
             connection.disconnect()
 
-    def _guarded(self, read: Callable[..., Any], *args: Any, resync: bool = False, **kwargs: Any) -> Any:
+    def _receive_one(self, c: Any) -> Any:
+        # Fanout (pub/sub) items: the workers' remote control. Nothing to keep:
+        # a bad one is logged and skipped.
         transport = self.connection
         transport._pma_delivering = False
         try:
-            return read(*args, **kwargs)
-        except Empty:
-            raise
+            return super()._receive_one(c)
         except Exception as exc:
             # Past `_deliver` the message belongs to the consumer, and broker
             # errors must reach kombu's reconnection logic.
             if transport._pma_delivering or isinstance(exc, broker_errors(transport)):
                 raise
-            log.error("Rejected an item popped from the broker: not a readable message envelope (%s)", _short(exc))
-            if resync and not isinstance(exc, (UnicodeDecodeError, ValueError)) or _is_reply_shape_error(exc):
-                # A reply of the wrong shape means the connection is out of
-                # step, not that the item is bad: every later read would fail.
-                self._pma_resync(_short(exc))
-            raise Empty() from None
-
-    def _receive_one(self, c: Any) -> Any:
-        try:
-            return self._guarded(super()._receive_one, c)
-        except Empty:
+            log.error("Rejected an item published to the workers: not a readable message envelope (%s)", _short(exc))
             return None
 
-    def _get(self, queue: str) -> Any:
-        envelope = self._guarded(super()._get, queue)
-        problem = envelope_problem(envelope)
-        if problem is not None:
-            log.error("Rejected an item from queue %r: %s", queue, problem)
-            raise Empty()
-        return envelope
 
-
-def _is_reply_shape_error(exc: BaseException) -> bool:
-    """kombu unpacking a BRPOP reply that is not ``[queue, item]``."""
-    return isinstance(exc, (ValueError, TypeError)) and "unpack" in str(exc)
+def _due(message: Any) -> float | None:
+    """When a message to publish is due (its ``eta`` header), as Unix time; None when it has none."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    eta = headers.get("eta") if isinstance(headers, dict) else None
+    if not isinstance(eta, str):
+        return None
+    try:
+        when = datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # Celery decides what a naive time means
+    return when.timestamp()
 
 
 class Transport(redis.Transport):
-    """kombu's Redis transport with :class:`Channel`; a malformed envelope is logged and dropped."""
+    """kombu's Redis transport with :class:`Channel`, moving due delayed messages every second in the worker."""
 
     Channel = Channel
     _pma_delivering = False
     _pma_checked: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pma_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        previous = _MOVERS.pop(loop, None)
+        if previous is not None:  # registered again after a reconnection
+            previous.cancel()
+        _MOVERS[loop] = loop.call_repeatedly(1.0, self._pma_move_due)
+
+    def _pma_move_due(self) -> None:
+        for channel in list(self._pma_channels):
+            if channel.closed:
+                continue
+            try:
+                moved = channel.pma_move_due()
+            except Exception as exc:  # the broker is away: the next second tries again
+                log.debug("Could not move due delayed messages: %s", _short(exc))
+                continue
+            if moved:
+                log.debug("Moved %d delayed message(s) onto their queue", moved)
 
     def _deliver(self, message: Any, queue: str | None) -> None:
         self._pma_delivering = True
@@ -386,3 +566,7 @@ class Transport(redis.Transport):
             log.error("Rejected an item from queue %r: %s", queue, problem)
             return
         super()._deliver(message, queue)
+
+
+# The delayed-message mover of each event loop (one per worker, whatever the reconnections).
+_MOVERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

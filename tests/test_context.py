@@ -68,7 +68,7 @@ def test_headers_allowlist_can_carry_authorization(broker_url):
     from flask_pymacaron_async import context
 
     with app.test_request_context("/", headers={"Authorization": "Bearer ok"}):
-        snapshot = state.signer.verify(context.take(state))
+        snapshot = json.loads(context.take(state))
     assert snapshot["env"]["HTTP_AUTHORIZATION"] == "Bearer ok"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -111,23 +112,27 @@ def test_valid_envelope_has_no_problem():
 # -- the age of the context snapshot ----------------------------------------------
 
 
+def _signed(signer, snapshot, name="t", task_id="id-1", body=b"[]"):
+    return signer.sign(signer.payload(snapshot), name, task_id, body)
+
+
 def test_snapshot_max_age():
     signer = context.ContextSigner("k")
     snapshot = {"app": "a", "rid": None, "user": None, "env": None}
-    fresh = signer.sign(snapshot)
-    assert signer.verify(fresh, max_age=60)["ts"] == pytest.approx(time.time(), abs=5)
+    fresh = _signed(signer, snapshot)
+    assert signer.verify(fresh, "t", "id-1", b"[]", max_age=60)["ts"] == pytest.approx(time.time(), abs=5)
     with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 3600):
-        old = signer.sign(snapshot)
+        old = _signed(signer, snapshot)
     with pytest.raises(ContextError, match=r"expired: signed 3\d\d\ds ago, over PYMACARON_ASYNC_CONTEXT_MAX_AGE=60"):
-        signer.verify(old, max_age=60)
-    assert signer.verify(old)["app"] == "a"  # no max age: any age
+        signer.verify(old, "t", "id-1", b"[]", max_age=60)
+    assert signer.verify(old, "t", "id-1", b"[]")["app"] == "a"  # no max age: any age
     # A worker whose clock runs behind the caller's does not see it as expired.
     with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() + 600):
-        ahead = signer.sign(snapshot)
-    assert signer.verify(ahead, max_age=60)
-    unstamped = signer._signer.sign(b'{"app":"a","env":null}').decode()
+        ahead = _signed(signer, snapshot)
+    assert signer.verify(ahead, "t", "id-1", b"[]", max_age=60)
+    unstamped = signer.sign('{"app":"a","env":null}', "t", "id-1", b"[]")
     with pytest.raises(ContextError, match="no signing time"):
-        signer.verify(unstamped, max_age=60)
+        signer.verify(unstamped, "t", "id-1", b"[]", max_age=60)
 
 
 @pytest.mark.parametrize("value", [0, -1, "7d", True, [1]])
@@ -170,11 +175,24 @@ def test_a_task_queued_from_a_task_is_signed_again():
 
 
 class _Channel:
-    def __init__(self):
-        self.rejected = []
+    """The part of our Redis channel the consumer uses to dead-letter a message."""
 
-    def basic_reject(self, delivery_tag, requeue=False):
-        self.rejected.append((delivery_tag, requeue))
+    no_ack_consumers = None
+
+    def __init__(self):
+        self.dead = []
+        self.acked = []
+        kombu_connection = SimpleNamespace(
+            connection_errors=(OSError,), channel_errors=(), transport=SimpleNamespace(driver_type="redis")
+        )
+        self.connection = SimpleNamespace(client=kombu_connection)
+
+    def pma_dead_letter(self, delivery_tag, reason, **fields):
+        self.dead.append((delivery_tag, reason, fields))
+        return fields.get("task_id")
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        self.acked.append(delivery_tag)
 
 
 def _task_message(app, channel):
@@ -182,10 +200,12 @@ def _task_message(app, channel):
 
     from tests.apps import basic
 
+    state = app.extensions["pymacaron_async"]
+    body = b'[["v", "k"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
     with app.test_request_context("/x"):
-        token = context.take(app.extensions["pymacaron_async"])
+        token = state.signer.sign(context.take(state), basic.record_value.name, "id-1", body)
     message = Message(
-        body=b'[["v", "k"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
+        body=body,
         delivery_tag="tag-1",
         content_type="application/x-pymacaron-json",
         content_encoding="utf-8",
@@ -218,10 +238,11 @@ def test_an_error_while_celery_handles_a_message_rejects_the_message(app, monkey
 
     channel = _Channel()
     raised.append(KeyError("id"))
-    with caplog.at_level("ERROR", "flask_pymacaron_async.consumer"):
-        on_task_received(_task_message(app, channel))
-    assert channel.rejected == [("tag-1", False)]
-    assert "Rejected task tests.apps.basic.record_value[id-1]: Celery could not handle it: KeyError" in caplog.text
+    on_task_received(_task_message(app, channel))
+    ((tag, reason, fields),) = channel.dead
+    assert tag == "tag-1" and reason.startswith("Celery could not handle it: KeyError")
+    assert fields["task"] == "tests.apps.basic.record_value" and fields["task_id"] == "id-1"
+    assert channel.acked == ["tag-1"]
 
     # A broker error is the broker's: kombu and Celery reconnect.
     raised.append(ConnectionResetError("gone"))
@@ -288,13 +309,12 @@ def test_a_reply_out_of_step_reconnects_instead_of_dropping_every_message(own_re
         channel.basic_consume("resync", True, got.append, "tag")  # no ack: kombu's BRPOP path
         conn.transport.cycle._register_BRPOP(channel)  # the event loop's poll: a connection in use
 
-        def out_of_step(**options):
-            raise ValueError("too many values to unpack (expected 2)")
-
         connection = channel.client.connection
-        with mock.patch.object(connection, "disconnect", wraps=connection.disconnect) as disconnect:
-            with pytest.raises(transport.Empty):
-                channel._guarded(out_of_step, resync=True)
+        # A reply that is not [queue, item]: what a connection out of step reads.
+        with mock.patch.object(channel.client, "parse_response", return_value=b"OK"):
+            with mock.patch.object(connection, "disconnect", wraps=connection.disconnect) as disconnect:
+                with pytest.raises(transport.Empty):
+                    channel._brpop_read()
         assert disconnect.called
         assert "Reconnecting to the broker" in caplog.text
         conn.Producer().publish({"n": 2}, routing_key="resync", declare=[queue])

@@ -3,8 +3,8 @@
 A corpus of hostile items is pushed straight onto the queue of a real worker
 (prefork pool) on a redis-server this module owns. For each: it is not
 executed, it is rejected (gone from the queue, nothing left unacknowledged),
-the worker logs one line with the reason, and the worker stays alive; a valid
-task queued after the corpus runs.
+the worker logs one line with the reason, it is kept in the dead letters, and
+the worker stays alive; a valid task queued after the corpus runs.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def template(app, server, queue):
 
 @pytest.fixture(scope="module")
 def worker(server, queue, tmp_path_factory):
-    env = {"PMA_REL_BROKER_URL": server.url, "PMA_REL_QUEUE": queue, "PMA_REL_PREFIX": "hostile"}
+    # No deploy grace: an unknown task is dead-lettered at once (test_deadletters.py has the grace period).
+    env = {"PMA_REL_BROKER_URL": server.url, "PMA_REL_QUEUE": queue, "PMA_REL_PREFIX": "hostile", "PMA_REL_GRACE": "0"}
     worker = Worker(
         "tests.apps.reliable:celery",
         tmp_path_factory.mktemp("worker-hostile"),
@@ -90,14 +91,25 @@ def _encode(value) -> str:
     return base64.b64encode(value if isinstance(value, bytes) else json.dumps(value).encode()).decode()
 
 
+def _body(m: dict) -> bytes:
+    try:
+        return base64.b64decode(m["body"])
+    except (KeyError, TypeError, ValueError):
+        return b""
+
+
 def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     """name -> (the item pushed onto the queue, a fragment of the expected log line)."""
-    secret = app.config["SECRET_KEY"]
-    signer = context.ContextSigner(secret)
+    signer = app.extensions["pymacaron_async"].signer
     good_token = template["headers"][context.HEADER]
-    snapshot = signer.verify(good_token)
+    payload = good_token.rsplit(".", 1)[0]
+    snapshot = json.loads(payload)
+    task_name = template["headers"]["task"]
 
-    def message(payload=None, **changes) -> dict:
+    def signed(m: dict, payload: str = payload) -> str:
+        return signer.sign(payload, m["headers"]["task"], m["headers"]["id"], _body(m))
+
+    def message(payload=None, resign=True, **changes) -> dict:
         m = copy.deepcopy(template)
         m["headers"]["id"] = str(uuid.uuid4())
         if payload is not None:
@@ -111,6 +123,11 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
                 target.pop(last, None)
             else:
                 target[last] = value
+        headers = m.get("headers")
+        if resign and isinstance(headers, dict) and isinstance(headers.get("task"), str) and "body" in m:
+            if isinstance(headers.get("id"), str) and isinstance(headers.get(context.HEADER), str):
+                # A valid signature for this message: what is wrong is what the test changed.
+                headers[context.HEADER] = signed(m)
         return m
 
     def raw(m) -> bytes:
@@ -119,14 +136,41 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     def header(name, value):
         return raw(message(**{f"headers__{name}": value}))
 
+    def unsigned(token: str) -> bytes:
+        return raw(message(resign=False, **{f"headers__{context.HEADER}": token}))
+
+    def token_for(payload_text: str, signer_=signer):
+        m = message()
+        m["headers"][context.HEADER] = signer_.sign(payload_text, task_name, m["headers"]["id"], _body(m))
+        return raw(m)
+
     valid = raw(message())
-    expired = mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 8 * 24 * 3600)
-    with expired:
-        old_token = signer.sign(snapshot)
-    forged = json.loads(signer._signer.unsign(good_token.encode()))
-    forged["user"] = "admin"
+    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 8 * 24 * 3600):
+        old_payload = signer.payload({k: v for k, v in snapshot.items() if k != "ts"})
+    forged = {**snapshot, "user": "admin"}
     forged_token = json.dumps(forged, separators=(",", ":")) + "." + good_token.rsplit(".", 1)[1]
-    no_ts_token = signer._signer.sign(json.dumps({k: v for k, v in snapshot.items() if k != "ts"}).encode()).decode()
+    no_ts = json.dumps({k: v for k, v in snapshot.items() if k != "ts"}, separators=(",", ":"))
+    # Moved: alice's honest header on another message.
+    spliced = message(resign=False)
+    spliced["headers"][context.HEADER] = good_token
+    swapped_body = copy.deepcopy(template)
+    swapped_body["body"] = _encode(
+        [[RUN, 99, 0], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    swapped_id = copy.deepcopy(template)
+    swapped_id["headers"]["id"] = str(uuid.uuid4())
+    renamed = message()
+    renamed["headers"]["task"] = "tests.apps.reliable.count"
+    renamed["body"] = _encode([[RUN, 7], {}, _EMBED])
+    renamed["headers"][context.HEADER] = signer.sign(payload, task_name, renamed["headers"]["id"], _body(renamed))
+    chained = copy.deepcopy(template)
+    chained["body"] = _encode(
+        [
+            [RUN, 1, 0],
+            {},
+            {"callbacks": None, "errbacks": None, "chain": [{"task": "tests.apps.reliable.fail", "args": [RUN]}]},
+        ]
+    )
     big = "x" * (LIMIT + 100 * 1024)
     just_over = "x" * (LIMIT + 1000)
     envelope = "not a readable message envelope"
@@ -214,19 +258,29 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
         # The signed context snapshot.
         "signature-missing": (raw(message(**{f"headers__{context.HEADER}": _DROP})), "no context snapshot"),
         "signature-not-a-string": (header(context.HEADER, {"user": "admin"}), "no context snapshot"),
-        "signature-garbage": (header(context.HEADER, "garbage"), "signature does not match"),
-        "signature-forged": (header(context.HEADER, forged_token), "signature does not match"),
-        "signature-another-key": (
-            header(context.HEADER, context.ContextSigner("another-key").sign(snapshot)),
-            "signature does not match",
+        "signature-garbage": (
+            raw(message(resign=False, **{f"headers__{context.HEADER}": "garbage"})),
+            "does not match",
         ),
-        "signature-expired": (header(context.HEADER, old_token), "expired"),
-        "signature-without-time": (header(context.HEADER, no_ts_token), "no signing time"),
+        "signature-forged": (
+            raw(message(resign=False, **{f"headers__{context.HEADER}": forged_token})),
+            "does not match",
+        ),
+        "signature-another-key": (token_for(payload, context.ContextSigner("another-key")), "does not match"),
+        "signature-expired": (token_for(old_payload), "expired"),
+        "signature-without-time": (token_for(no_ts), "no signing time"),
+        # An honest context moved to another message, or a message changed under its context.
+        "signature-spliced": (raw(spliced), "does not match this message"),
+        "signature-body-swapped": (raw(swapped_body), "does not match this message"),
+        "signature-id-swapped": (raw(swapped_id), "does not match this message"),
+        "signature-task-renamed": (raw(renamed), "does not match this message"),
+        "signature-chain-added": (raw(chained), "does not match this message"),
     }
     return corpus
 
 
 _DROP = object()
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def _warnings(text: str) -> list[str]:
@@ -256,10 +310,12 @@ def test_corpus(app, template, worker, server, queue, tmp_path):
         assert len(lines) == 1, f"{name!r} logged {len(lines)} lines: {lines}"
         assert "Rejected" in lines[0] and reason in lines[0], f"{name!r}: {lines[0]}"
         assert "Traceback" not in worker.log()[before:], name
-    # Nothing of the corpus ran, nothing waits for a redelivery.
+    # Nothing of the corpus ran, nothing waits for a redelivery, everything is kept.
     assert not marker.exists()
     assert client.llen(f"hostile:{RUN}:started") == 0
     assert client.llen(queue) == 0 and client.hlen("unacked") == 0
+    assert client.llen(f"{queue}.pma.dead") == len(corpus)
+    assert client.hlen(f"{queue}.pma.dead.raw") == len(corpus)
     print(f"\nhostile corpus: {len(corpus)} items rejected, worker alive")
 
     # A valid task queued after the corpus runs.

@@ -89,10 +89,14 @@ def test_tampered_or_missing_context_is_rejected_worker_survives(app, start_work
     queue = f"{basic.celery.conf.task_default_queue}-{unique}"
     worker = start_worker(queue=queue)
     task = basic.record_value.celery_task
-    good = context.take(app.extensions["pymacaron_async"])
+    state = app.extensions["pymacaron_async"]
+    with app.app_context():
+        payload = context.take(state)
+    # Signed for some other message, then a digit changed: the signature matches nothing.
+    good = state.signer.sign(payload, task.name, "some-id", b"[]")
     task._publish(("tampered", f"{unique}-bad"), {}, headers={context.HEADER: good[:-2] + "xx"}, queue=queue)
     task._publish(("missing", f"{unique}-bad"), {}, queue=queue)
-    other = context.ContextSigner("another-key").sign({"app": "x", "env": None, "user": None, "rid": None})
+    other = context.ContextSigner("another-key").sign(payload, task.name, "some-id", b"[]")
     task._publish(("other-key", f"{unique}-bad"), {}, headers={context.HEADER: other}, queue=queue)
     basic.record_value.apply_async(("after", unique), queue=queue)
     assert reports.one(unique)["value"] == "after"

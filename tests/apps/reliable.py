@@ -35,16 +35,18 @@ def settings_from_env() -> dict:
         "queue": os.environ.get("PMA_REL_QUEUE") or os.environ.get("PMA_TEST_QUEUE", "pma-test"),
         "visibility": float(os.environ.get("PMA_REL_VISIBILITY", "3600")),
         "prefix": os.environ.get("PMA_REL_PREFIX") or os.environ.get("PMA_TEST_PREFIX", "pma-test"),
+        "grace": float(os.environ.get("PMA_REL_GRACE", "600")),
     }
 
 
-def create_app(broker=None, queue=None, visibility=None, prefix=None, **config):
+def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None, **config):
     env = settings_from_env()
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY="reliable-secret",
         PYMACARON_ASYNC_BROKER_URL=broker or env["broker"],
         PYMACARON_ASYNC_VISIBILITY_TIMEOUT=visibility or env["visibility"],
+        PYMACARON_ASYNC_DEPLOY_GRACE=env["grace"] if grace is None else grace,
         CELERY={"task_default_queue": queue or env["queue"]},
         REPORT_PREFIX=prefix or env["prefix"],
         REPORT_URL=broker or env["broker"],
