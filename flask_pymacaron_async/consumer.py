@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import random
 import threading
 import time
 import weakref
@@ -295,7 +296,9 @@ def _deferral(headers: dict[str, Any], grace: float) -> tuple[float, int, float]
     if now - first >= grace:
         return None
     delay = min(_DEFER_FIRST * 2 ** min(count, 10), _DEFER_MAX, max(grace - (now - first), 0.1))
-    return first, count, round(delay, 3)
+    # Jitter: which worker gets the message when it is back depends on when
+    # it comes back; without it the same worker could win every time.
+    return first, count, round(delay * random.uniform(0.8, 1.2), 1)
 
 
 def _dead_letter_max(celery: Any) -> int:

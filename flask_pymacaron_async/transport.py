@@ -333,18 +333,9 @@ class Channel(redis.Channel):
         )
         deadletter.log_stored(description, bytes_to_str(reply[0]), int(reply[1]), self.dead_letter_max)
 
-    def _pma_refine(self, queue: str, stored: str, dropped: int, reason: str) -> None:
-        """Log an item the take script dead-lettered, and put the exact reason in its entry."""
-        meta_key = self._pma_key(queue + deadletter.SUFFIX + ".meta")
-        client = self._pma_redis()
-        description: dict[str, Any] = {"queue": queue, "reason": reason, "kind": deadletter.REFUSED}
-        try:
-            current = client.hget(meta_key, stored)
-            if current is not None:
-                description = {**json.loads(current), "reason": reason}
-                client.hset(meta_key, stored, json.dumps(description))
-        except (ValueError, self.ResponseError) as exc:  # the entry stays, with the script's reason
-            log.debug("Could not refine dead letter %s: %s", stored, _short(exc))
+    def _pma_logged(self, queue: str, stored: str, dropped: int, reason: str) -> None:
+        """Log an item the take script dead-lettered, with the exact reason (the entry has the script's)."""
+        description = {"queue": queue, "reason": reason, "kind": deadletter.REFUSED}
         deadletter.log_stored(description, stored, dropped, self.dead_letter_max)
 
     # -- taking messages -------------------------------------------------------
@@ -440,7 +431,7 @@ class Channel(redis.Channel):
             problem = envelope_problem(envelope)
         if len(reply) == 5:
             # The take script dead-lettered it already.
-            self._pma_refine(queue, bytes_to_str(reply[3]), int(reply[4]), problem or "not a message envelope")
+            self._pma_logged(queue, bytes_to_str(reply[3]), int(reply[4]), problem or "not a message envelope")
             raise Empty()
         if problem is not None:
             if tag is not None:

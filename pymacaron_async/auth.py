@@ -37,34 +37,37 @@ def _fernet(secret: bytes) -> Any:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-def _secret() -> bytes:
-    secret: Any = None
+def _secrets() -> list[bytes]:
+    """The signing key, then the older keys still accepted (``PYMACARON_ASYNC_SECRET_KEY_FALLBACKS``)."""
+    keys: list[Any] = []
     if has_app_context():
         state = current_app.extensions.get("pymacaron_async")
-        secret = state.settings.secret_key if state is not None else None
-    if not secret:
-        return _PROCESS_KEY
-    return secret if isinstance(secret, bytes) else str(secret).encode("utf-8")
+        if state is not None and state.settings.secret_key:
+            keys = [state.settings.secret_key, *state.settings.secret_key_fallbacks]
+    if not keys:
+        return [_PROCESS_KEY]
+    return [key if isinstance(key, bytes) else str(key).encode("utf-8") for key in keys]
 
 
 def encrypt_token(token: str) -> str:
     """``token`` encrypted and authenticated with the app's signing key."""
-    return _fernet(_secret()).encrypt(token.encode("utf-8")).decode("ascii")
+    return _fernet(_secrets()[0]).encrypt(token.encode("utf-8")).decode("ascii")
 
 
 def decrypt_token(value: str) -> str:
-    """The token :func:`encrypt_token` encrypted.
+    """The token :func:`encrypt_token` encrypted, with the signing key or one of its fallbacks.
 
     :raises ~flask_pymacaron_async.errors.ContextError: when it was encrypted with another key.
     """
-    from cryptography.fernet import InvalidToken
+    from cryptography.fernet import InvalidToken, MultiFernet
 
     try:
-        return _fernet(_secret()).decrypt(value.encode("ascii")).decode("utf-8")
+        fernet = MultiFernet([_fernet(secret) for secret in _secrets()])
+        return fernet.decrypt(value.encode("ascii")).decode("utf-8")
     except (InvalidToken, UnicodeError, ValueError):
         raise ContextError(
             "the caller's token cannot be decrypted: the server and the worker use different "
-            "PYMACARON_ASYNC_SECRET_KEY / jwt_secret"
+            "PYMACARON_ASYNC_SECRET_KEY / jwt_secret (see PYMACARON_ASYNC_SECRET_KEY_FALLBACKS)"
         ) from None
 
 

@@ -5,6 +5,8 @@
 - queue: ``PYMACARON_ASYNC_QUEUE``, else ``async_queue``, else Celery's default;
 - signing key: ``PYMACARON_ASYNC_SECRET_KEY``, else ``async_secret_key``, else
   ``jwt_secret``, else a key made by ``start_celery`` for the worker it spawns;
+  older keys still accepted while rotating: ``PYMACARON_ASYNC_SECRET_KEY_FALLBACKS``
+  (comma-separated), else ``async_secret_key_fallbacks`` (a list);
 - ``with_async`` (false: tasks run inline) and ``worker_count`` (default 2 x CPUs).
 """
 
@@ -22,6 +24,7 @@ from flask_pymacaron_async.errors import ConfigError
 ENV_BROKER_URL = "PYMACARON_ASYNC_BROKER_URL"
 ENV_QUEUE = "PYMACARON_ASYNC_QUEUE"
 ENV_SECRET_KEY = "PYMACARON_ASYNC_SECRET_KEY"
+ENV_SECRET_KEY_FALLBACKS = "PYMACARON_ASYNC_SECRET_KEY_FALLBACKS"
 ENV_SPAWN_WORKER = "PYMACARON_ASYNC_SPAWN_WORKER"
 
 # Set by start_celery / the command line for the worker they start.
@@ -94,6 +97,22 @@ def secret_key() -> str | None:
     """
     value = _setting(ENV_SECRET_KEY, "async_secret_key") or getattr(pym_config(), "jwt_secret", None)
     return str(value) if value else None
+
+
+def secret_key_fallbacks() -> list[str]:
+    """Older signing keys the worker still accepts during a key rotation (signing uses :func:`secret_key`).
+
+    ``PYMACARON_ASYNC_SECRET_KEY_FALLBACKS`` (comma-separated), else
+    ``async_secret_key_fallbacks`` in pym-config.yaml (a list, or a comma-separated string).
+    """
+    value = _setting(ENV_SECRET_KEY_FALLBACKS, "async_secret_key_fallbacks")
+    if not value:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"async_secret_key_fallbacks in pym-config.yaml must be a list of keys, got {type(value)}")
+    return [str(key).strip() for key in value if str(key).strip()]
 
 
 def worker_count() -> int:

@@ -62,6 +62,8 @@ def _init(app: Flask, worker: bool) -> Any:
         app.config["CELERY"].setdefault("task_default_queue", queue)
     if not app.config.get("PYMACARON_ASYNC_SECRET_KEY"):
         app.config["PYMACARON_ASYNC_SECRET_KEY"] = config.secret_key()
+    if not app.config.get("PYMACARON_ASYNC_SECRET_KEY_FALLBACKS"):
+        app.config["PYMACARON_ASYNC_SECRET_KEY_FALLBACKS"] = config.secret_key_fallbacks()
     if app.config["PYMACARON_ASYNC_ENABLED"] and not app.config["PYMACARON_ASYNC_SECRET_KEY"]:
         # Flask's SECRET_KEY is no fallback here: API.start() makes it random in every process.
         raise ConfigError(

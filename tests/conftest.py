@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,6 +126,36 @@ class Worker:
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     return BROKER_URL
+
+
+def _port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url():
+    """The machine's RabbitMQ, on a vhost of this run (deleted at the end) when rabbitmqctl can make one."""
+    if not _port_answers("127.0.0.1", 5672):
+        pytest.skip("no RabbitMQ answers at 127.0.0.1:5672 (guest/guest): the RabbitMQ tests need one")
+    ctl = shutil.which("rabbitmqctl")
+    vhost = f"pma-test-{RUN_ID}"
+    made = False
+    if ctl:
+        made = subprocess.run([ctl, "add_vhost", vhost], capture_output=True, timeout=120).returncode == 0
+        if made:
+            subprocess.run(
+                [ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], capture_output=True, timeout=120
+            )
+    if not made:
+        # The default vhost: the tests name their queues per run and delete them.
+        yield "amqp://guest:guest@127.0.0.1:5672//"
+        return
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

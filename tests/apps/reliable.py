@@ -17,7 +17,7 @@ import redis
 from flask import Flask, current_app, g, request, session
 
 from flask_pymacaron_async import PymacaronAsync
-from flask_pymacaron_async.signals import task_failed
+from flask_pymacaron_async.signals import message_dead_lettered, task_failed
 from tests.apps import carry_g_user
 
 ext = PymacaronAsync()
@@ -36,6 +36,14 @@ def settings_from_env() -> dict:
         "visibility": float(os.environ.get("PMA_REL_VISIBILITY", "3600")),
         "prefix": os.environ.get("PMA_REL_PREFIX") or os.environ.get("PMA_TEST_PREFIX", "pma-test"),
         "grace": float(os.environ.get("PMA_REL_GRACE", "600")),
+        "secret": os.environ.get("PMA_REL_SECRET", "reliable-secret"),
+        "fallbacks": [k for k in os.environ.get("PMA_REL_FALLBACKS", "").split(",") if k],
+        "dead_max": int(os.environ.get("PMA_REL_DEAD_MAX", "10000")),
+        "keep_failed": os.environ.get("PMA_REL_KEEP_FAILED", "1") == "1",
+        # Where tasks write their reports (the broker itself when it is Redis).
+        "report_url": os.environ.get("PMA_REL_REPORT_URL"),
+        # Sign with Flask's SECRET_KEY and SECRET_KEY_FALLBACKS instead of the extension's own key.
+        "flask_keys": os.environ.get("PMA_REL_FLASK_KEYS") == "1",
     }
 
 
@@ -43,14 +51,25 @@ def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None
     env = settings_from_env()
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY="reliable-secret",
+        PYMACARON_ASYNC_SECRET_KEY=env["secret"],
+        PYMACARON_ASYNC_SECRET_KEY_FALLBACKS=env["fallbacks"],
+        PYMACARON_ASYNC_DEAD_LETTER_MAX=env["dead_max"],
+        PYMACARON_ASYNC_DEAD_LETTER_FAILED=env["keep_failed"],
+        SECRET_KEY="flask-session-key",
         PYMACARON_ASYNC_BROKER_URL=broker or env["broker"],
         PYMACARON_ASYNC_VISIBILITY_TIMEOUT=visibility or env["visibility"],
         PYMACARON_ASYNC_DEPLOY_GRACE=env["grace"] if grace is None else grace,
         CELERY={"task_default_queue": queue or env["queue"]},
         REPORT_PREFIX=prefix or env["prefix"],
-        REPORT_URL=broker or env["broker"],
+        REPORT_URL=env["report_url"] or broker or env["broker"],
     )
+    if env["flask_keys"]:
+        app.config.update(
+            PYMACARON_ASYNC_SECRET_KEY=None,
+            PYMACARON_ASYNC_SECRET_KEY_FALLBACKS=[],
+            SECRET_KEY=env["secret"],
+            SECRET_KEY_FALLBACKS=env["fallbacks"],
+        )
     app.config.update(config)
     ext.init_app(app)
 
@@ -159,8 +178,50 @@ def note(run):
     NOTES.append(run)
 
 
+@ext.task
+def fails_until_allowed(run):
+    """Fails until the key ``<prefix>:<run>:allow`` exists; each run is recorded."""
+    c = client()
+    c.rpush(key(run, "runs"), time.time())
+    if not c.exists(key(run, "allow")):
+        raise RuntimeError("not allowed yet")
+    c.sadd(key(run, "done"), 1)
+
+
+# A rolling deploy: workers started with PMA_REL_VERSION=1 run the previous
+# release, which lacks `added_in_v2` and takes one argument less in `changed`.
+VERSION = os.environ.get("PMA_REL_VERSION", "2")
+
+if VERSION == "2":
+
+    @ext.task
+    def added_in_v2(run, n):
+        count(run, n)  # called directly: runs here
+
+    @ext.task
+    def changed(run, n, extra):
+        count(run, n)
+
+else:
+
+    @ext.task
+    def changed(run, n):  # type: ignore[no-redef]
+        count(run, n)
+
+
 app = create_app()
 celery = ext.celery
+
+
+@message_dead_lettered.connect
+def _report_dead_letter(sender, task_name, task_id, reason, dead_letter_id, **extra):
+    """Worker side: record ``message_dead_lettered`` where the tests can see it."""
+    if "REPORT_PREFIX" in sender.config:
+        with sender.app_context():
+            client().rpush(
+                f"{sender.config['REPORT_PREFIX']}:dead",
+                json.dumps({"id": dead_letter_id, "task": task_name, "task_id": task_id, "reason": reason}),
+            )
 
 
 @task_failed.connect
