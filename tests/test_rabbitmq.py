@@ -43,7 +43,7 @@ def amqp(rabbitmq_url, broker_url, start_worker, unique):
         return start_worker("tests.apps.reliable:celery", "--pool=solo", env=env(**variables), queue=queue)
 
     def app(**config):
-        return reliable.create_app(broker=rabbitmq_url, queue=queue, prefix=prefix, REPORT_URL=broker_url, **config)
+        return reliable.create_app(broker=rabbitmq_url, queue=queue, prefix=prefix, reports=broker_url, **config)
 
     yield queue, prefix, app, worker
     with Connection(rabbitmq_url) as connection:

@@ -4,7 +4,9 @@ Configured from the environment, so each test points its worker at its own
 Redis and queue: PMA_REL_BROKER_URL, PMA_REL_QUEUE, PMA_REL_VISIBILITY
 (seconds) and PMA_REL_PREFIX (where tasks write their reports), falling back
 to the test run's PMA_TEST_* values. Tasks write what they did to Redis keys
-``<prefix>:<run>:<what>``.
+``<prefix>:<run>:<what>``, in the broker's Redis unless PMA_REL_REPORT_URL
+names another one (a test that stops the broker's Redis needs its tasks to
+go on recording).
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ def settings_from_env() -> dict:
         "dead_max": int(os.environ.get("PMA_REL_DEAD_MAX", "10000")),
         "keep_failed": os.environ.get("PMA_REL_KEEP_FAILED", "1") == "1",
         # Where tasks write their reports (the broker itself when it is Redis).
-        "report_url": os.environ.get("PMA_REL_REPORT_URL"),
+        "reports": os.environ.get("PMA_REL_REPORT_URL"),
         # Sign with Flask's SECRET_KEY and SECRET_KEY_FALLBACKS instead of the extension's own key.
         "flask_keys": os.environ.get("PMA_REL_FLASK_KEYS") == "1",
     }
 
 
-def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None, **config):
+def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None, reports=None, **config):
     env = settings_from_env()
     app = Flask(__name__)
     app.config.update(
@@ -61,7 +63,7 @@ def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None
         PYMACARON_ASYNC_DEPLOY_GRACE=env["grace"] if grace is None else grace,
         CELERY={"task_default_queue": queue or env["queue"]},
         REPORT_PREFIX=prefix or env["prefix"],
-        REPORT_URL=env["report_url"] or broker or env["broker"],
+        REPORT_URL=reports or env["reports"] or broker or env["broker"],
     )
     if env["flask_keys"]:
         app.config.update(
