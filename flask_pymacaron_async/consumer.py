@@ -69,6 +69,20 @@ class Consumer(CeleryConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         deadletter.set_hostname(self.hostname)
+        state = getattr(self.app, "pma_state", None)
+        if state is not None:
+            flask_app = state.app
+
+            def notify(description: dict[str, Any], stored_id: str) -> None:
+                signals.message_dead_lettered.send(
+                    flask_app,
+                    task_name=description.get("task"),
+                    task_id=description.get("task_id"),
+                    reason=description.get("reason"),
+                    dead_letter_id=stored_id,
+                )
+
+            deadletter.on_stored(self.app, notify)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
@@ -151,16 +165,27 @@ class Request(CeleryRequest):
             else:
                 reason = f"failed: {_short(exc)}"
             if isinstance(exc, Reject) or state.settings.dead_letter_failed:
-                dead_letter(
-                    self.task.app,
-                    self._message,
-                    reason,
-                    task=self.name,
-                    task_id=self.id,
-                    kind=deadletter.REFUSED if isinstance(exc, Reject) else deadletter.FAILED,
-                    exception=type(exc).__name__,
-                    acknowledge=False,
-                )
+                try:
+                    dead_letter(
+                        self.task.app,
+                        self._message,
+                        reason,
+                        task=self.name,
+                        task_id=self.id,
+                        kind=deadletter.REFUSED if isinstance(exc, Reject) else deadletter.FAILED,
+                        exception=type(exc).__name__,
+                        acknowledge=False,
+                    )
+                except Exception as error:  # the broker is away: kombu's and py-amqp's errors
+                    # Back on its queue (or, on Redis, after the visibility
+                    # timeout): it runs again rather than being lost.
+                    log.warning(
+                        "Could not dead-letter task %s[%s] (%s): it goes back to its queue and will run again",
+                        self.name,
+                        self.id,
+                        _short(error),
+                    )
+                    self.reject(requeue=True)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -202,7 +227,6 @@ def dead_letter(
     """
     channel = message.channel
     errors = _errors(channel)
-    state = getattr(celery, "pma_state", None)
     fields = {
         "task": task if isinstance(task, str) else None,
         "task_id": task_id if isinstance(task_id, str) else None,
@@ -214,24 +238,24 @@ def dead_letter(
         stored = channel.pma_dead_letter(message.delivery_tag, reason, **fields)
     elif _is_amqp(channel):
         queue = (message.delivery_info or {}).get("routing_key") or "?"
-        description = deadletter.entry(queue, reason, **fields)
         body, headers, properties = deadletter.amqp_copy(message)
+        description = deadletter.entry(queue, reason, raw=body, **fields)
         headers[deadletter.AMQP_HEADER] = json.dumps(description)
-        max_entries = (
-            state.settings.dead_letter_max if state is not None else DEFAULTS["PYMACARON_ASYNC_DEAD_LETTER_MAX"]
-        )
+        max_entries = _dead_letter_max(celery)
         try:
             _amqp_store(celery).publish(
                 queue + deadletter.SUFFIX, body, headers, properties, deadletter.amqp_arguments(max_entries)
             )
         except Exception as exc:
+            if not acknowledge:
+                raise
             # Not stored: the message goes back to its queue rather than nowhere.
-            log.error("Could not dead-letter %s[%s]: %s; it stays on its queue", task, task_id, _short(exc))
-            if acknowledge and not message.acknowledged:
+            log.error("Could not dead-letter %s[%s]: %s; it goes back to its queue", task, task_id, _short(exc))
+            if not message.acknowledged:
                 message.reject_log_error(log, errors, requeue=True)
             return None
         stored = description["id"]
-        deadletter.log_stored(description, stored, 0, max_entries)
+        deadletter.stored(description, stored, 0, max_entries)
     else:
         log.error(
             "Rejected task %s[%s]: %s (this broker has no dead letters: the message is dropped)",
@@ -244,10 +268,6 @@ def dead_letter(
         return None
     if acknowledge and not message.acknowledged:
         message.ack_log_error(log, errors)
-    if stored is not None and state is not None:
-        signals.message_dead_lettered.send(
-            state.app, task_name=fields["task"], task_id=fields["task_id"], reason=reason, dead_letter_id=stored
-        )
     return stored
 
 

@@ -34,7 +34,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -159,8 +159,17 @@ def entry(
     }
 
 
-def log_stored(description: dict[str, Any], stored_id: str | None, dropped: int, max_entries: int) -> None:
-    """The one log line of a message dead-lettered in the worker."""
+#: Called in the worker for each dead letter stored: ``listener(description, id)``.
+_listeners: dict[int, Callable[[dict[str, Any], str], None]] = {}
+
+
+def on_stored(key: Any, listener: Callable[[dict[str, Any], str], None]) -> None:
+    """Call ``listener`` for every dead letter this process stores (one listener per ``key``)."""
+    _listeners[id(key)] = listener
+
+
+def stored(description: dict[str, Any], stored_id: str | None, dropped: int, max_entries: int) -> None:
+    """Log a message dead-lettered in the worker (one line) and tell the listeners."""
     if stored_id is None:
         return
     task, task_id = description.get("task"), description.get("task_id")
@@ -175,6 +184,11 @@ def log_stored(description: dict[str, Any], stored_id: str | None, dropped: int,
     )
     if dropped:
         _warn_full(description.get("queue") or "?", dropped, max_entries)
+    for listener in list(_listeners.values()):
+        try:
+            listener(description, stored_id)
+        except Exception:  # a receiver of the signal failed: the dead letter is stored all the same
+            log.exception("A dead-letter listener failed")
 
 
 _full_warned: dict[str, float] = {}

@@ -292,7 +292,7 @@ class Channel(redis.Channel):
             )
             return None
         stored, dropped = bytes_to_str(reply[0]), int(reply[1])
-        deadletter.log_stored(description, stored, dropped, self.dead_letter_max)
+        deadletter.stored(description, stored, dropped, self.dead_letter_max)
         return stored
 
     def pma_defer(self, delivery_tag: str, envelope: dict[str, Any], delay: float) -> bool:
@@ -331,12 +331,12 @@ class Channel(redis.Channel):
             item,
             self.dead_letter_max,
         )
-        deadletter.log_stored(description, bytes_to_str(reply[0]), int(reply[1]), self.dead_letter_max)
+        deadletter.stored(description, bytes_to_str(reply[0]), int(reply[1]), self.dead_letter_max)
 
     def _pma_logged(self, queue: str, stored: str, dropped: int, reason: str) -> None:
         """Log an item the take script dead-lettered, with the exact reason (the entry has the script's)."""
         description = {"queue": queue, "reason": reason, "kind": deadletter.REFUSED}
-        deadletter.log_stored(description, stored, dropped, self.dead_letter_max)
+        deadletter.stored(description, stored, dropped, self.dead_letter_max)
 
     # -- taking messages -------------------------------------------------------
 

@@ -210,6 +210,29 @@ def test_failed_tasks_are_not_kept_when_the_setting_is_off(deploy, server):
     assert _dead(client, queue) == []
 
 
+def test_a_task_failing_while_the_broker_is_away_runs_again_then_is_kept(deploy, server, tmp_path):
+    """Dead-lettering needs the broker: without it the message is not acknowledged, and comes back."""
+    queue, make_app, start = deploy
+    reports = RedisServer(tmp_path / "reports").start()
+    try:
+        app = make_app(REPORT_URL=reports.url)
+        start(PMA_REL_REPORT_URL=reports.url)
+        runs = reports.client()
+        with app.test_request_context("/late"):
+            reliable.fail_after.delay("late", 1.5)
+        wait_for(lambda: runs.llen("rel:late:runs") == 1, 15, what="the task started")
+        server.stop()
+        time.sleep(3)  # it failed meanwhile
+        server.start()
+        client = server.client()
+        wait_for(lambda: _dead(client, queue), 60, what="dead-lettered once the broker is back")
+        assert runs.llen("rel:late:runs") == 2  # ran again, rather than being lost
+        (letter,) = _dead(client, queue)
+        assert letter["kind"] == "failed" and "failed late" in letter["reason"]
+    finally:
+        reports.stop()
+
+
 # -- 5. rolling deploys --------------------------------------------------------------------------
 
 

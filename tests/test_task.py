@@ -10,6 +10,7 @@ import uuid
 import pytest
 from celery import chain, group
 from celery.result import AsyncResult
+from flask import g
 
 from flask_pymacaron_async import context
 from tests.apps import basic
@@ -83,6 +84,18 @@ def test_task_queued_from_task_carries_its_context(client, module_worker, report
     assert seen["url"] == "http://localhost/outer?x=1"
     assert seen["user"] == "nester"
     assert seen["headers"]["X-Tenant"] == "acme"
+
+
+def test_a_chord_callback_runs_in_the_context_of_the_request(app, module_worker, reports, unique):
+    """The callback is sent by the worker once the header is done: signed for its own message, same context."""
+    from celery import chord
+
+    with app.test_request_context("/chord?x=1"):
+        g.user = "chordist"
+        chord([basic.add.s(1, 2), basic.add.s(3, 4)])(basic.record_with_user.s(unique))
+    seen = reports.one(unique, timeout=30)
+    assert sorted(seen["value"]) == [3, 7]
+    assert seen["user"] == "chordist" and seen["url"] == "http://localhost/chord?x=1"
 
 
 def test_tampered_or_missing_context_is_rejected_worker_survives(app, start_worker, reports, unique):

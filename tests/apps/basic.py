@@ -113,6 +113,11 @@ def add(x, y):
 
 
 @asynctask
+def record_with_user(value, key):
+    report(key, {"value": value, "user": g.get("user"), "url": request.url if request else None})
+
+
+@asynctask
 def nested(key):
     record_context.delay(key)
 

@@ -190,6 +190,14 @@ def fails_until_allowed(run):
     c.sadd(key(run, "done"), 1)
 
 
+@ext.task
+def fail_after(run, seconds):
+    """Records its run, waits, then fails (a test stops the broker meanwhile)."""
+    client().rpush(key(run, "runs"), time.time())
+    time.sleep(seconds)
+    raise RuntimeError("failed late")
+
+
 # A rolling deploy: workers started with PMA_REL_VERSION=1 run the previous
 # release, which lacks `added_in_v2` and takes one argument less in `changed`.
 VERSION = os.environ.get("PMA_REL_VERSION", "2")
