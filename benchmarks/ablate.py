@@ -8,8 +8,8 @@ Without ``--workers``: the "before the response" overhead of an enqueue (as
 in ``benchmarks/endpoint.py``), in after_response mode (``--target
 ext_immediate``: immediate mode, fewer variants), with these stand-ins:
 
-- ``defer_sign``: the snapshot is still taken, but not signed (what signing
-  after the response, with the held calls, would leave before it);
+- ``no_sign``: the snapshot is still taken, but each message is not signed
+  for itself (no body encoded for its digest, no HMAC);
 - ``no_check``: arguments not encoded by ``check_arguments``;
 - ``no_result``: no ``AsyncResult`` built for the caller;
 - ``no_uuid``: a fixed task id instead of ``uuid4()``;
@@ -27,8 +27,8 @@ With ``--workers``: no-op throughput and CPU per task of the prefork worker
 - ``child_noop``: ``ContextTask.__call__`` runs the body without verifying
   the snapshot or rebuilding the context.
 
-The other stand-ins break the extension (every call gets the first request's
-signature, ids repeat, no context): they exist only to price what they remove.
+The other stand-ins break the extension (the worker refuses unsigned
+messages, ids repeat, no context): they exist only to price what they remove.
 """
 
 from __future__ import annotations
@@ -43,44 +43,32 @@ from typing import Any
 
 VARIANTS = (
     "",
-    "defer_sign",
+    "no_sign",
     "no_check",
     "no_result",
     "no_uuid",
-    "defer_sign,no_check,no_result,no_uuid",
+    "no_sign,no_check,no_result,no_uuid",
     "client_cache",
 )
-#: Immediate mode has no held calls: ``defer_sign`` there prices the signature.
-IMMEDIATE_VARIANTS = ("", "client_cache", "defer_sign", "no_check")
+#: Immediate mode: ``no_sign`` prices the per-message signature.
+IMMEDIATE_VARIANTS = ("", "client_cache", "no_sign", "no_check")
 WORKER_VARIANTS = ("", "client_cache", "plain_consumer", "child_noop", "plain_consumer,child_noop")
 #: The worker app of ``--workers``: benchmarks.app_ext with PMA_BENCH_ABLATE applied.
 ABLATE_ENV = "PMA_BENCH_ABLATE"
 
 
 def _patch(variant: str) -> None:
-    from flask import request
-
     from flask_pymacaron_async import context, extension, serialization
     from flask_pymacaron_async.task import ContextTask
 
     steps = set(filter(None, variant.split(",")))
     if "client_cache" in steps:
         _cache_clients()
-    if "defer_sign" in steps:
-        take = context.take
-        first: dict[str, str] = {}
+    if "no_sign" in steps:
+        from flask_pymacaron_async import amqp
 
-        def unsigned_take(state: Any) -> str:
-            environ = request.environ
-            token = environ.get(context._ENVIRON_KEY)
-            if token is None:
-                context._snapshot(state, environ)
-                if "token" not in first:
-                    first["token"] = take(state)
-                token = environ[context._ENVIRON_KEY] = first["token"]
-            return token
-
-        context.take = unsigned_take  # type: ignore[assignment]
+        context.ContextSigner.sign = lambda self, payload, *message: f"{payload}.unsigned"  # type: ignore[method-assign]
+        amqp.dumps = lambda body, serializer=None: (None, None, b"")  # type: ignore[assignment]
     if "no_check" in steps:
         serialization.check_arguments = lambda *args: ""  # type: ignore[assignment]
     if "no_result" in steps:

@@ -5,8 +5,10 @@ of 5 repetitions) for:
 
 - ``ext_pushed``: this extension's worker path, ``context.pushed(state,
   snapshot)`` with the user loaded by ``user_loader`` (the 25 µs target);
-- ``ext_full``: everything ``ContextTask.__call__`` does around the body:
-  signature check, ``pushed``, the started/succeeded signals;
+- ``ext_full``: everything ``ContextTask.__call__`` does around the body in
+  the pool process: snapshot decoded, ``pushed``, the started/succeeded signals;
+- ``ext_verify``: the consumer's check of the message-bound signature, in the
+  worker's main process (HMAC over the snapshot, task name, id and body digest);
 - ``test_request_context``: Flask's ``app.test_request_context(...)`` with
   the same URL and headers, and the same user loader;
 - ``celeryext_request_task``: calling a Flask-CeleryExt ``RequestContextTask``
@@ -26,6 +28,8 @@ from benchmarks.common import ARGS, HEADERS, USER_ID, broker_url, median
 REPEATS = 5
 LOOPS = 5000
 URL = "/queue?page=2"
+# The body of a no-op task message, as the serializer encodes it.
+BODY = b'[["a","b"],{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 
 
 def _per_call(func: Callable[[], Any], loops: int = LOOPS) -> float:
@@ -47,10 +51,10 @@ def measure() -> dict[str, Any]:
     from flask_pymacaron_async import context
 
     state = app.extensions["pymacaron_async"]
-    with app.test_request_context(URL, headers=HEADERS):
-        token = context.take(state)
-    snapshot = state.signer.verify(token)
     task = noop.celery_task
+    with app.test_request_context(URL, headers=HEADERS):
+        token = state.signer.sign(context.take(state), task.name, "task-id", BODY)
+    snapshot = context.ContextSigner.decode(token)
     results: dict[str, Any] = {"loops": LOOPS, "repeats": REPEATS}
 
     def ext_pushed() -> None:
@@ -58,7 +62,12 @@ def measure() -> dict[str, Any]:
             pass
 
     def ext_full() -> None:
-        state.run_in_context(task, state.signer.verify(token), ARGS, {}, "task-id")
+        # What the pool process does: the consumer verified the signature.
+        state.run_in_context(task, context.ContextSigner.decode(token), ARGS, {}, "task-id")
+
+    def ext_verify() -> None:
+        # What the consumer does in the worker's main process, per message.
+        state.signer.verify(token, task.name, "task-id", BODY, max_age=state.settings.context_max_age)
 
     def test_request_context() -> None:
         with app.test_request_context(URL, headers=HEADERS):
@@ -66,6 +75,7 @@ def measure() -> dict[str, Any]:
 
     results["ext_pushed_us"] = _per_call(ext_pushed)
     results["ext_full_us"] = _per_call(ext_full)
+    results["ext_verify_us"] = _per_call(ext_verify)
     results["test_request_context_us"] = _per_call(test_request_context)
     try:
         results["celeryext_request_task_us"] = _per_call(_celeryext_task())

@@ -158,13 +158,30 @@ def rabbitmq_url():
     subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def redis_client():
     client = redis.Redis.from_url(BROKER_URL)
     yield client
-    keys = list(client.scan_iter(f"pma-test-{RUN_ID}*")) + [os.environ["PMA_TEST_QUEUE"]]
+    # Everything this run wrote: its queues, their dead letters and delayed
+    # sets, the reports under its prefix, and kombu's bindings of its queues.
+    keys = [
+        *client.scan_iter(f"pma-test-{RUN_ID}*"),
+        *client.scan_iter(f"_kombu.binding*pma-test-{RUN_ID}*"),
+        os.environ["PMA_TEST_QUEUE"],
+    ]
     if keys:
         client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_celery_pools():
+    """Close the connections the test's apps opened (else their sockets warn when collected)."""
+    yield
+    from flask_pymacaron_async.extension import _STATES
+
+    for state in list(_STATES):
+        state.celery.close()
 
 
 class Reports:

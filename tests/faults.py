@@ -45,6 +45,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._client: redis.Redis | None = None
 
     def start(self, timeout: float = 15) -> RedisServer:
         args = [
@@ -68,15 +69,21 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            probe = redis.Redis(port=self.port, socket_timeout=1)
             try:
-                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                if probe.ping():
                     return self
             except redis.RedisError:
                 time.sleep(0.05)
+            finally:
+                probe.close()
         raise RuntimeError(f"redis-server not answering on port {self.port} after {timeout}s")
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its append-only file and exits."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -98,7 +105,10 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        """A client of this server (one per server, closed when it stops)."""
+        if self._client is None:
+            self._client = redis.Redis(port=self.port)
+        return self._client
 
 
 def children(pid: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import uuid
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def amqp(rabbitmq_url, broker_url, start_worker, unique):
     """A queue on RabbitMQ, the web app publishing to it, and a way to start its workers."""
     queue = unique_queue()
-    prefix = f"pma-test-{unique}"  # under the run's prefix: tests/conftest.py's cleanup removes it
+    prefix = f"{os.environ['PMA_TEST_PREFIX']}-{unique}"  # the run's prefix: tests/conftest.py's cleanup removes it
 
     def env(**extra: str) -> dict[str, str]:
         return {

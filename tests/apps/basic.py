@@ -26,7 +26,8 @@ def create_app(**config):
         PYMACARON_ASYNC_BROKER_URL=os.environ.get("PMA_TEST_BROKER_URL", "redis://127.0.0.1:6379/0"),
         PYMACARON_ASYNC_RESULT_BACKEND=os.environ.get("PMA_TEST_BROKER_URL"),
         PYMACARON_ASYNC_CONTEXT_HEADERS=["User-Agent", "X-Request-Id", "X-Tenant"],
-        CELERY={"task_default_queue": os.environ.get("PMA_TEST_QUEUE", "pma-test")},
+        # Results expire soon: the test run leaves nothing on the machine's Redis.
+        CELERY={"task_default_queue": os.environ.get("PMA_TEST_QUEUE", "pma-test"), "result_expires": 600},
         REPORT_PREFIX=os.environ.get("PMA_TEST_PREFIX", "pma-test"),
         PYMACARON_ASYNC_PUBLISH=os.environ.get("PMA_TEST_PUBLISH", "immediate"),
     )
