@@ -3,11 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 MODERN := $(VENV)/modern
 LEGACY := $(VENV)/legacy
+LOWEST := $(VENV)/lowest
 PYTEST_ARGS ?=
 
-.PHONY: test test-modern test-legacy lint docs demo bench clean
+.PHONY: test test-modern test-legacy test-lowest lint graph docs demo bench clean
 
-test: lint test-modern test-legacy docs
+# The latest versions (modern), pymacaron's (legacy), the lowest setup.py allows (lowest).
+test: lint test-modern test-legacy test-lowest docs
 
 $(MODERN)/.installed: setup.py requirements/modern.txt
 	$(PYTHON) -m venv $(MODERN)
@@ -20,9 +22,20 @@ $(LEGACY)/.installed: setup.py requirements/legacy.txt
 	$(LEGACY)/bin/pip install -q -r requirements/legacy.txt -e .
 	touch $@
 
+$(LOWEST)/.installed: setup.py requirements/lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q -r requirements/lowest.txt -e .
+	touch $@
+
 lint: $(MODERN)/.installed
 	$(MODERN)/bin/ruff check .
 	$(MODERN)/bin/ruff format --check .
+	$(MODERN)/bin/lint-imports
+	$(MODERN)/bin/mypy
+
+# The import graph of both packages, module by module.
+graph: $(MODERN)/.installed
+	$(MODERN)/bin/python -m tests.graph
 
 test-modern: $(MODERN)/.installed
 	$(MODERN)/bin/python -m pytest $(PYTEST_ARGS)
@@ -30,6 +43,10 @@ test-modern: $(MODERN)/.installed
 # Old Celery/kombu raise deprecation warnings of their own on Python 3.11.
 test-legacy: $(LEGACY)/.installed
 	$(LEGACY)/bin/python -m pytest -W "ignore::DeprecationWarning" -W "ignore::PendingDeprecationWarning" $(PYTEST_ARGS)
+
+# The core suite on the lowest versions (the pymacaron tests need pymacaron's env).
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -W "ignore::DeprecationWarning" -W "ignore::PendingDeprecationWarning" $(PYTEST_ARGS)
 
 docs: $(MODERN)/.installed
 	$(MODERN)/bin/sphinx-build -W -q -b html docs docs/_build/html

@@ -58,7 +58,7 @@ ABLATE_ENV = "PMA_BENCH_ABLATE"
 
 
 def _patch(variant: str) -> None:
-    from flask_pymacaron_async import context, extension, serialization
+    from flask_pymacaron_async import context, publish, serialization
     from flask_pymacaron_async.task import ContextTask
 
     steps = set(filter(None, variant.split(",")))
@@ -74,14 +74,14 @@ def _patch(variant: str) -> None:
     if "no_result" in steps:
         ContextTask.AsyncResult = lambda self, task_id, **kwargs: None  # type: ignore[assignment,method-assign]
     if "no_uuid" in steps:
-        extension.uuid = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[attr-defined]
+        publish.uuid = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[assignment]
 
 
 def _cache_clients() -> None:
     """One redis-py client per channel for kombu's synchronous commands (it builds one per command)."""
     from flask_pymacaron_async import transport
 
-    create = transport.Channel._create_client
+    create = transport.Channel.make_client
 
     def cached_client(self: Any, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -91,7 +91,7 @@ def _cache_clients() -> None:
             client = self.__dict__["_bench_client"] = create(self)
         return client
 
-    transport.Channel._create_client = cached_client  # type: ignore[method-assign]
+    transport.Channel.make_client = cached_client  # type: ignore[method-assign]
 
 
 def patch_worker(variant: str, celery: Any) -> None:

@@ -2,7 +2,7 @@
 
 Profiles (cProfile) requests to this extension's ``/queue`` endpoint through
 the test client and prints one JSON object: the cumulative µs per request of
-the steps of ``_State.publish`` and the functions with the most own time.
+the steps of ``Publisher.publish`` and the functions with the most own time.
 cProfile slows everything down by a similar factor, so read the shares, not
 the absolute figures.
 """
@@ -23,16 +23,17 @@ REQUESTS = 3000
 STEPS = (
     ("flask_pymacaron_async/task.py", "delay"),
     ("flask_pymacaron_async/task.py", "celery_task"),
-    ("flask_pymacaron_async/extension.py", "publish"),
+    ("flask_pymacaron_async/publish.py", "publish"),
     ("flask_pymacaron_async/serialization.py", "check_arguments"),
     ("flask_pymacaron_async/context.py", "take"),
     ("flask_pymacaron_async/context.py", "_snapshot"),
-    ("flask_pymacaron_async/context.py", "sign"),
-    ("flask_pymacaron_async/extension.py", "_send"),
-    ("flask_pymacaron_async/task.py", "_publish"),
+    ("flask_pymacaron_async/publish.py", "send"),
+    ("flask_pymacaron_async/task.py", "celery_apply_async"),
     ("celery/app/task.py", "apply_async"),
     ("celery/app/base.py", "send_task"),
     ("celery/app/amqp.py", "as_task_v2"),
+    ("flask_pymacaron_async/amqp.py", "send_task_message"),
+    ("flask_pymacaron_async/context.py", "sign"),
     ("celery/app/amqp.py", "send_task_message"),
     ("kombu/messaging.py", "publish"),
     ("kombu/transport/virtual/base.py", "basic_publish"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import devserver as _devserver  # noqa: F401  (hooks the app into `flask run` / `app.run()`)
 from .errors import AsyncError, AsyncUnavailable, ConfigError, ContextError, MessageTooLarge
 from .extension import PymacaronAsync
 from .task import AsyncTask, ContextTask, asynctask

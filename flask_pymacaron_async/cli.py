@@ -20,24 +20,22 @@ from typing import TYPE_CHECKING, Any, Sequence
 import click
 from flask.cli import AppGroup, ScriptInfo, pass_script_info
 
-from . import broker, deadletter, spawn
+from . import _compat, broker, deadletter, spawn
+from .process import watch_parent
+from .state import AsyncState, state_for
 
 if TYPE_CHECKING:
     from flask import Flask
-
-    from .extension import _State
 
 #: The ``flask async`` command group.
 async_cli = AppGroup("async", help="Celery workers and queues of the app (flask-pymacaron-async).")
 
 
-def _state(app: Flask) -> _State:
-    state = app.extensions.get("pymacaron_async")
-    if state is None:
-        raise click.UsageError(
-            f"The app {app.name!r} has no PymacaronAsync extension: did you call PymacaronAsync.init_app(app)?"
-        )
-    return state  # type: ignore[no-any-return]
+def _state(app: Flask) -> AsyncState:
+    try:
+        return state_for(app)
+    except RuntimeError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _has_queue_option(args: Sequence[str]) -> bool:
@@ -65,23 +63,12 @@ def worker_command(info: ScriptInfo, celery_args: tuple[str, ...]) -> None:
     state = _state(app)
     spawned = spawn.spawned_by()
     if spawned is not None and isinstance(spawned.get("parent"), int):
-        spawn.watch_parent(spawned["parent"])
+        watch_parent(spawned["parent"])
     argv = ["worker", *celery_args]
     if not _has_queue_option(celery_args):
         argv += ["-Q", ",".join(broker.queue_names(state.celery))]
-    code = _run_celery(state.celery, argv)
+    code = _compat.run_celery(state.celery, argv, "flask async")
     click.get_current_context().exit(code or 0)
-
-
-def _run_celery(celery: Any, argv: list[str]) -> int | None:
-    """``celery -A <this app> <argv>``, keeping the exit code (``Celery.start`` drops it)."""
-    from celery.bin.celery import celery as celery_main
-
-    celery_main.params[0].default = celery
-    try:
-        return celery_main.main(args=argv, prog_name="flask async", standalone_mode=False)  # type: ignore[no-any-return]
-    finally:
-        celery_main.params[0].default = None
 
 
 _queue_option = click.option(
@@ -119,7 +106,7 @@ def status_command(info: ScriptInfo, queues: tuple[str, ...], timeout: float, as
         click.get_current_context().exit(1)
 
 
-def collect_status(state: _State, queues: list[str] | None = None, timeout: float = 1.0) -> dict[str, Any]:
+def collect_status(state: AsyncState, queues: list[str] | None = None, timeout: float = 1.0) -> dict[str, Any]:
     """What ``flask async status`` shows, as a dict (``--json`` prints it)."""
     celery = state.celery
     url = celery.conf.broker_url
@@ -148,7 +135,7 @@ def collect_status(state: _State, queues: list[str] | None = None, timeout: floa
     consuming = celery.control.inspect(timeout=timeout).active_queues() or {}
     ours = sorted(w for w, qs in consuming.items() if {q.get("name") for q in qs or ()} & set(names))
     status["other_workers"] = len(consuming) - len(ours)
-    active = {}
+    active: dict[str, Any] = {}
     if ours:
         active = celery.control.inspect(timeout=timeout, destination=ours).active() or {}
     status["workers"] = {

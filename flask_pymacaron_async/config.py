@@ -88,7 +88,7 @@ def _number(config: Mapping[str, Any], key: str, expected: str = "a positive num
     value = config[key]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (zero and value == 0))
     _check(key, ok, expected, value)
-    return value
+    return float(value)
 
 
 def _count(config: Mapping[str, Any], key: str) -> int:

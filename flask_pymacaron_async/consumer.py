@@ -38,9 +38,9 @@ from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
-from . import context, deadletter, serialization, signals
+from . import _compat, context, deadletter, runner, serialization, signals
 from .config import DEFAULTS
-from .errors import ContextError
+from .errors import ContextError, one_line
 from .transport import broker_errors
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Consumer(CeleryConsumer):
             except Exception as exc:
                 if isinstance(exc, self._pma_broker_errors()):
                     raise
-                return self._pma_refuse(message, Problem(f"Celery could not handle it: {_short(exc)}"), exc)
+                return self._pma_refuse(message, Problem(f"Celery could not handle it: {one_line(exc)}"), exc)
 
         return on_task_received
 
@@ -150,25 +150,25 @@ class Request(CeleryRequest):
         exc = TimeLimitExceeded(timeout)
         try:
             # The consumer verified it before the task started.
-            snapshot = context.ContextSigner.decode(self._request_dict.get(context.HEADER))
+            snapshot = context.ContextSigner.decode(self.request_dict.get(context.HEADER))
         except ContextError:
             snapshot = {}
         with state.app.app_context():
-            state.report_failure(self.name, self.id, exc, snapshot)
+            runner.report_failure(state, self.name, self.id, exc, snapshot)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
         state = getattr(self.task, "pma_state", None)
         if state is not None and not self.acknowledged and _final(self.task, exc):
             if isinstance(exc, Reject):
-                reason = f"the task rejected it: {_short(exc)}"
+                reason = f"the task rejected it: {one_line(exc)}"
             else:
-                reason = f"failed: {_short(exc)}"
+                reason = f"failed: {one_line(exc)}"
             if isinstance(exc, Reject) or state.settings.dead_letter_failed:
                 try:
                     dead_letter(
                         self.task.app,
-                        self._message,
+                        self.message,
                         reason,
                         task=self.name,
                         task_id=self.id,
@@ -183,7 +183,7 @@ class Request(CeleryRequest):
                         "Could not dead-letter task %s[%s] (%s): it goes back to its queue and will run again",
                         self.name,
                         self.id,
-                        _short(error),
+                        one_line(error),
                     )
                     self.reject(requeue=True)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
@@ -227,7 +227,7 @@ def dead_letter(
     """
     channel = message.channel
     errors = _errors(channel)
-    fields = {
+    fields: dict[str, Any] = {
         "task": task if isinstance(task, str) else None,
         "task_id": task_id if isinstance(task_id, str) else None,
         "kind": kind,
@@ -250,7 +250,7 @@ def dead_letter(
             if not acknowledge:
                 raise
             # Not stored: the message goes back to its queue rather than nowhere.
-            log.error("Could not dead-letter %s[%s]: %s; it goes back to its queue", task, task_id, _short(exc))
+            log.error("Could not dead-letter %s[%s]: %s; it goes back to its queue", task, task_id, one_line(exc))
             if not message.acknowledged:
                 message.reject_log_error(log, errors, requeue=True)
             return None
@@ -276,7 +276,7 @@ def defer(celery: Any, message: Any, deferred: list[float], delay: float) -> boo
     channel = message.channel
     errors = _errors(channel)
     if hasattr(channel, "pma_defer"):
-        envelope = dict(message._raw)  # kombu's virtual transport keeps the envelope it decoded
+        envelope = dict(_compat.envelope(message))
         headers = {k: v for k, v in (envelope.get("headers") or {}).items() if k != context.VERIFIED}
         headers[deadletter.DEFERRED] = deferred
         envelope["headers"] = headers
@@ -293,7 +293,7 @@ def defer(celery: Any, message: Any, deferred: list[float], delay: float) -> boo
                 queue + deadletter.DEFERRED_SUFFIX, body, headers, properties, arguments, expiration=delay
             )
         except Exception as exc:
-            log.error("Could not defer %s: %s", message.delivery_info, _short(exc))
+            log.error("Could not defer %s: %s", message.delivery_info, one_line(exc))
             return False
     else:
         return False
@@ -409,7 +409,7 @@ def check_message(
     try:
         payload = message.decode()
     except Exception as exc:
-        return Problem(f"its body cannot be decoded as {message.content_type!r}: {_short(exc.__cause__ or exc)}")
+        return Problem(f"its body cannot be decoded as {message.content_type!r}: {one_line(exc.__cause__ or exc)}")
     if not (
         isinstance(payload, (list, tuple))
         and len(payload) == 3
@@ -482,8 +482,3 @@ def _arguments_problem(task: Any, args: Any, kwargs: dict[str, Any], signatures:
     except TypeError as exc:
         return f"its arguments do not match {task.name}{signature}: {exc}"
     return None
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}"

@@ -22,16 +22,31 @@ import json
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from flask import g, has_app_context, has_request_context, request
-from flask.ctx import RequestContext
 from flask.sessions import SecureCookieSession
 
+from . import _compat
 from .errors import ContextError
 
 if TYPE_CHECKING:
-    from .extension import _State
+    from flask import Flask
+
+
+class Owner(Protocol):
+    """What this module needs of the per-app state (:class:`~flask_pymacaron_async.state.AsyncState`)."""
+
+    app: Flask
+    import_name: str
+    header_keys: tuple[str, ...]
+
+    def dump_user(self) -> Any: ...
+
+    def load_user(self, value: Any) -> None: ...
+
+    def is_verified(self, mark: Any, token: Any) -> bool: ...
+
 
 #: Name of the Celery message header that carries the signed snapshot.
 HEADER = "pymacaron_async_context"
@@ -201,7 +216,7 @@ class Unsigned(str):
     __slots__ = ()
 
 
-def take(state: _State) -> str:
+def take(state: Owner) -> str:
     """The snapshot payload of the current context (see :meth:`ContextSigner.payload`).
 
     Taken at most once per request (and once per app context outside a
@@ -212,14 +227,14 @@ def take(state: _State) -> str:
         payload = environ.get(_ENVIRON_KEY)
         if payload is None:
             payload = environ[_ENVIRON_KEY] = ContextSigner.payload(request_snapshot(state))
-        return payload  # type: ignore[no-any-return]
+        return str(payload)
     if has_app_context():
         payload = g.get(_G_KEY)
         if payload is None:
             carried = g.get(_CARRIED_G_KEY)
             payload = ContextSigner.payload(carried if carried is not None else _snapshot(state, None))
             setattr(g, _G_KEY, payload)
-        return payload  # type: ignore[no-any-return]
+        return str(payload)
     # Outside any app context: a chain or callback sent by the worker after a
     # task returned carries that task's context on; anything else (a script)
     # gets a snapshot without a request.
@@ -230,13 +245,13 @@ def take(state: _State) -> str:
         return ContextSigner.payload(_snapshot(state, None))
 
 
-def request_snapshot(state: _State) -> dict[str, Any]:
+def request_snapshot(state: Owner) -> dict[str, Any]:
     """The unsigned snapshot of the current request, taken at most once per request."""
     environ = request.environ
     snapshot = environ.get(_CARRIED_ENVIRON_KEY) or environ.get(_SNAPSHOT_KEY)
     if snapshot is None:
         snapshot = environ[_SNAPSHOT_KEY] = _snapshot(state, environ)
-    return snapshot  # type: ignore[no-any-return]
+    return dict(snapshot) if not isinstance(snapshot, dict) else snapshot
 
 
 def header(request: Any, name: str) -> Any:
@@ -247,7 +262,7 @@ def header(request: Any, name: str) -> Any:
     return value
 
 
-def worker_snapshot(state: _State) -> dict[str, Any] | None:
+def worker_snapshot(state: Owner) -> dict[str, Any] | None:
     """The snapshot of the task the worker is running, when the worker's consumer verified it."""
     from celery import current_task
 
@@ -263,7 +278,7 @@ def worker_snapshot(state: _State) -> dict[str, Any] | None:
         return None
 
 
-def _snapshot(state: _State, environ: dict[str, Any] | None) -> dict[str, Any]:
+def _snapshot(state: Owner, environ: dict[str, Any] | None) -> dict[str, Any]:
     env = None
     request_id = None
     if environ is not None:
@@ -289,7 +304,7 @@ def request_id() -> str | None:
 
 
 @contextlib.contextmanager
-def pushed(state: _State, snapshot: dict[str, Any]) -> Iterator[None]:
+def pushed(state: Owner, snapshot: dict[str, Any]) -> Iterator[None]:
     """Run the body inside a fresh app context and the request rebuilt from ``snapshot``.
 
     The app context is always a fresh one: reusing the caller's (inline mode)
@@ -310,9 +325,11 @@ def pushed(state: _State, snapshot: dict[str, Any]) -> Iterator[None]:
     # The caller's cookies never travel, so opening the session could only
     # make a new empty one: skip the session interface (17 us of 38 here).
     session_class = getattr(app.session_interface, "session_class", SecureCookieSession)
-    request_context = RequestContext(app, environ, session=session_class())
-    # Without an app context, pushing the request context pushes a fresh one.
-    app_context = app.app_context() if has_app_context() else contextlib.nullcontext()
+    request_context = _compat.request_context(app, environ, session_class())
+    # Without an app context, pushing a request context (before Flask 3.2)
+    # pushes a fresh one; Flask 3.2's is a fresh app context itself.
+    fresh = _compat.MERGED_CONTEXTS or not has_app_context()
+    app_context = contextlib.nullcontext() if fresh else app.app_context()
     with app_context, request_context:
         state.load_user(snapshot.get("user"))
         yield

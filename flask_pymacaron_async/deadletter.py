@@ -566,7 +566,7 @@ def _amqp_entries(channel: Any, queue: str) -> Iterator[tuple[Any, DeadLetter]]:
 
 
 def _is_amqp(connection: Any) -> bool:
-    return connection.transport.driver_type == "amqp"
+    return bool(connection.transport.driver_type == "amqp")
 
 
 def _prefix(channel: Any) -> str:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from celery.exceptions import Ignore, Reject, Retry
+
+#: Celery's control flow, raised through a task on purpose: not failures.
+CONTROL_FLOW = (Retry, Ignore, Reject)
+
 
 class AsyncError(Exception):
     """Base class of every error this extension raises on purpose."""
@@ -28,3 +33,9 @@ class ContextError(AsyncError):
 
 class MessageTooLarge(AsyncError, ValueError):
     """The task's arguments exceed ``PYMACARON_ASYNC_MAX_MESSAGE_BYTES``."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as ``Type: message`` on one line, for a log line or a reason (the message cut at ``limit``)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}"

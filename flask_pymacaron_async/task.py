@@ -8,29 +8,23 @@ rebuilds the app and request context, loads the user, then runs the body.
 from __future__ import annotations
 
 import functools
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
 
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry
-from flask import current_app, has_app_context
+from celery.exceptions import Reject
 
-from . import context
+from . import context, runner
+from . import state as states
 from .errors import ContextError
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
     from celery.result import AsyncResult
 
-    from .extension import PymacaronAsync, _State
-
-log = logging.getLogger(__name__)
+    from .state import AsyncState
 
 R = TypeVar("R")
-
-# Celery control flow, not failures.
-_CONTROL_FLOW = (Retry, Ignore, Reject)
 
 
 class ContextTask(Task):
@@ -52,13 +46,15 @@ class ContextTask(Task):
     Request = "flask_pymacaron_async.consumer:Request"
 
     @property
-    def pma_state(self) -> _State:
-        return self.app.pma_state  # type: ignore[attr-defined,no-any-return]
+    def pma_state(self) -> AsyncState:
+        """The state of the Flask app this task belongs to."""
+        state: AsyncState = self.app.pma_state
+        return state
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:  # type: ignore[override]
-        return self.pma_state.publish(self, args, kwargs, options)
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
+        return self.pma_state.publisher.publish(self, args, kwargs, options)
 
-    def _publish(self, args: Any, kwargs: Any, **options: Any) -> AsyncResult:
+    def celery_apply_async(self, args: Any, kwargs: Any, **options: Any) -> AsyncResult:
         """Celery's own ``apply_async``: hand the message to the broker."""
         return super().apply_async(args, kwargs, **options)
 
@@ -77,7 +73,7 @@ class ContextTask(Task):
             snapshot = context.ContextSigner.decode(token)
         except ContextError as exc:
             raise Reject(str(exc), requeue=False) from None
-        return state.run_in_context(self, snapshot, args, kwargs, request.id)
+        return runner.run_in_context(state, self, snapshot, args, kwargs, request.id)
 
 
 class AsyncTask(Generic[R]):
@@ -88,7 +84,7 @@ class AsyncTask(Generic[R]):
     ``task.celery_task`` (for the app in use).
     """
 
-    def __init__(self, func: Callable[..., R], options: dict[str, Any], owner: PymacaronAsync | None) -> None:
+    def __init__(self, func: Callable[..., R], options: dict[str, Any], owner: Any) -> None:
         functools.update_wrapper(self, func)
         self.run = func
         self.name: str = options.pop("name", None) or f"{func.__module__}.{func.__qualname__}"
@@ -101,26 +97,8 @@ class AsyncTask(Generic[R]):
     @property
     def celery_task(self) -> ContextTask:
         """The Celery task registered for this function in the app in use."""
-        from .extension import _STATES, PymacaronAsync
-
         owner = self._owner() if self._owner is not None else None
-        if has_app_context():
-            state = current_app.extensions.get(PymacaronAsync.extension_name)
-            if state is None:
-                raise RuntimeError(
-                    f"The app {current_app.name!r} has no PymacaronAsync extension: "
-                    "did you call PymacaronAsync.init_app(app)?"
-                )
-        else:
-            candidates = [s for s in _STATES if owner is None or s.ext is owner]
-            if len(candidates) != 1:
-                raise RuntimeError(
-                    f"Cannot tell which Flask app should run {self.name} "
-                    f"({len(candidates)} apps have the extension): call it inside an app "
-                    "context, or did you call PymacaronAsync.init_app(app)?"
-                )
-            state = candidates[0]
-        return state.register(self)
+        return states.for_call(owner, self.name).register(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Queue the task (or run it inline when ``PYMACARON_ASYNC_ENABLED`` is False)."""
@@ -148,20 +126,17 @@ class AsyncTask(Generic[R]):
 
 
 #: Every task declared with the module-level :func:`asynctask`, by name.
-_DECLARED: dict[str, AsyncTask[Any]] = {}
+DECLARED: dict[str, AsyncTask[Any]] = {}
 
 
-def _declare(func: Callable[..., R], options: dict[str, Any], owner: PymacaronAsync | None) -> AsyncTask[R]:
-    from .extension import _STATES
-
+def declare(func: Callable[..., R], options: dict[str, Any], owner: Any) -> AsyncTask[R]:
+    """Declare ``func`` as a task (of ``owner``'s apps, or of every app when ``owner`` is None)."""
     task = AsyncTask(func, options, owner)
     if owner is None:
-        _DECLARED[task.name] = task
-        states = list(_STATES)
+        DECLARED[task.name] = task
     else:
-        owner._declared[task.name] = task
-        states = [s for s in _STATES if s.ext is owner]
-    for state in states:
+        owner.declared[task.name] = task
+    for state in states.states(owner):
         state.register(task)
     return task
 
@@ -188,5 +163,5 @@ def asynctask(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     as on a Celery task.
     """
     if func is not None:
-        return _declare(func, options, None)
-    return lambda f: _declare(f, dict(options), None)
+        return declare(func, options, None)
+    return lambda f: declare(f, dict(options), None)

@@ -23,11 +23,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
+from . import broker, runner
+from .publish import captured
+from .spawn import DEV_WORKER_OPTIONS, WorkerProcess, app_import_path, start_worker
+from .state import state_for
+
 if TYPE_CHECKING:
     from celery.result import AsyncResult
     from flask import Flask
 
-    from .spawn import WorkerProcess
     from .task import ContextTask
 
 
@@ -81,13 +85,7 @@ class CapturedTask:
     @property
     def url(self) -> str | None:
         """The URL of the request the task was queued from (``None`` outside a request)."""
-        env = self.snapshot.get("env")
-        if not env:
-            return None
-        query = env.get("QUERY_STRING")
-        host = env.get("HTTP_HOST") or env.get("SERVER_NAME", "")
-        path = env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")
-        return f"{env.get('wsgi.url_scheme', 'http')}://{host}{path}{'?' + query if query else ''}"
+        return runner.snapshot_url(self.snapshot)
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is this task's full name or its last part (``"send_email"``)."""
@@ -96,8 +94,7 @@ class CapturedTask:
     def run(self) -> Any:
         """Run the task here, as the worker would: in its rebuilt app and request context, as its user."""
         self.ran = True
-        state = self._task.pma_state
-        return state.run_in_context(self._task, self.snapshot, self.args, self.kwargs, self.id)
+        return runner.run_in_context(self._task.pma_state, self._task, self.snapshot, self.args, self.kwargs, self.id)
 
     def __repr__(self) -> str:
         arguments = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
@@ -158,7 +155,7 @@ class CapturedTasks:
         :returns: the values the tasks returned.
         :raises RuntimeError: after ``limit`` runs (a task that keeps queueing itself).
         """
-        values = []
+        values: list[Any] = []
         for _ in range(limit):
             pending = next((c for c in self._calls if not c.ran), None)
             if pending is None:
@@ -170,55 +167,37 @@ class CapturedTasks:
         """Forget the calls captured so far."""
         self._calls.clear()
 
-    def _record(self, task: ContextTask, args: Any, kwargs: Any, options: dict[str, Any]) -> AsyncResult:
+    def _record(
+        self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Record a call the extension would hand to Celery (the sender given to ``publish.captured``)."""
         from kombu.serialization import dumps, loads, prepare_accept_content
 
-        from .context import HEADER
-
         options = dict(options)
-        headers = options.pop("headers", None) or {}
-        options.pop("producer", None)
+        options.pop("headers", None)
         options.pop("retry", None)
         task_id = options.pop("task_id", None) or str(uuid.uuid4())
         conf = task.app.conf
-        content_type, encoding, body = dumps([list(args or ()), dict(kwargs or {})], serializer=conf.task_serializer)
-        args, kwargs = loads(body, content_type, encoding, accept=prepare_accept_content(conf.accept_content))
-        self._calls.append(CapturedTask(task, task_id, tuple(args), kwargs, headers[HEADER], options, body))
+        content_type, encoding, body = dumps([list(args), dict(kwargs)], serializer=conf.task_serializer)
+        accept = prepare_accept_content(conf.accept_content)
+        decoded_args, decoded_kwargs = loads(body, content_type, encoding, accept=accept)
+        self._calls.append(CapturedTask(task, task_id, tuple(decoded_args), decoded_kwargs, payload, options, body))
         return task.AsyncResult(task_id)
 
 
 @pytest.fixture
-def captured_tasks(monkeypatch: pytest.MonkeyPatch) -> CapturedTasks:
+def captured_tasks() -> Iterator[CapturedTasks]:
     """Capture the tasks queued during the test instead of sending them.
 
     Every call goes through the extension as usual (argument checks, context
     snapshot, signals, ``after_response`` holding), then is recorded with its
-    arguments round-tripped through the task serializer and its verified
-    context snapshot. Inline mode (``PYMACARON_ASYNC_ENABLED = False``) runs
-    tasks at once and records nothing.
+    arguments round-tripped through the task serializer and its context
+    snapshot signed and verified as the worker would. Inline mode
+    (``PYMACARON_ASYNC_ENABLED = False``) runs tasks at once and records nothing.
     """
-    from celery import Celery
-
-    from .task import ContextTask
-
-    captured = CapturedTasks()
-
-    def publish(task: ContextTask, args: Any, kwargs: Any, **options: Any) -> AsyncResult:
-        return captured._record(task, args, kwargs, options)
-
-    original_producer = Celery.producer_or_acquire
-
-    def producer_or_acquire(celery: Celery, producer: Any = None) -> Any:
-        # after_response publishing asks for a producer first: none is needed.
-        if getattr(celery, "pma_state", None) is not None:
-            from contextlib import nullcontext
-
-            return nullcontext(producer)
-        return original_producer(celery, producer)
-
-    monkeypatch.setattr(ContextTask, "_publish", publish)
-    monkeypatch.setattr(Celery, "producer_or_acquire", producer_or_acquire)
-    return captured
+    recorded = CapturedTasks()
+    with captured(recorded._record):
+        yield recorded
 
 
 @pytest.fixture
@@ -228,8 +207,6 @@ def async_worker_target(app: Flask) -> str | None:
     By default the module of ``app``; override this fixture when the worker
     needs a factory call, e.g. ``"myapp:create_app('testing')"``.
     """
-    from .spawn import app_import_path
-
     return app_import_path(app)
 
 
@@ -240,18 +217,11 @@ def async_worker(app: Flask, async_worker_target: str | None, tmp_path: Any) -> 
     It consumes the app's queues on the app's broker and is ready when the
     test starts; its output is in ``async_worker.log()``.
     """
-    from . import broker
-    from .spawn import start_worker
-
-    state = app.extensions.get("pymacaron_async")
-    if state is None:
-        raise RuntimeError(
-            "The app fixture has no PymacaronAsync extension: did you call PymacaronAsync.init_app(app)?"
-        )
+    state = state_for(app)
     worker = start_worker(
         app,
         app_path=async_worker_target,
-        celery_args=("--pool=solo", "--loglevel=INFO", "--without-gossip", "--without-mingle"),
+        celery_args=DEV_WORKER_OPTIONS,
         queues=broker.queue_names(state.celery),
         name=f"pytest-{uuid.uuid4().hex[:8]}@%h",
         log_path=tmp_path / f"async-worker-{uuid.uuid4().hex[:6]}.log",

@@ -13,10 +13,20 @@
 - kombu decodes every item as a JSON message envelope, and an item that is
   not one (not JSON, not UTF-8, nested too deep, a JSON value that is not an
   envelope) raises inside the worker's event loop: Celery stops with
-  "Unrecoverable error". Here such an item is logged on one line and dropped,
-  and the worker goes on with the next one. What is inside a readable
-  envelope (headers, body, signature) is checked by
-  :class:`flask_pymacaron_async.consumer.Consumer`.
+  "Unrecoverable error". Here such an item is logged on one line and moved
+  into the dead letters of its queue in the same atomic step that takes it
+  (:mod:`flask_pymacaron_async.deadletter`), and the worker goes on with the
+  next one. What is inside a readable envelope (headers, body, signature) is
+  checked by :class:`flask_pymacaron_async.consumer.Consumer`, which
+  dead-letters what it refuses through :meth:`Channel.pma_dead_letter`.
+
+It also keeps a message due later than half the visibility timeout (a long
+``countdown`` or ``eta``) out of its queue, in a sorted set, until shortly
+before it is due: a worker holding it unacknowledged past the visibility
+timeout would see it run a second time.
+
+kombu's private hooks are overridden through
+:class:`~flask_pymacaron_async._compat.KombuRedisChannel`.
 
 :func:`configure` makes a Celery app use both; :class:`PymacaronAsync` calls
 it for the Celery app of every Flask app.
@@ -31,7 +41,7 @@ import logging
 import weakref
 from datetime import datetime
 from queue import Empty
-from time import monotonic, time
+from time import time
 from typing import Any, Mapping
 
 from kombu.transport import redis, virtual
@@ -39,6 +49,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from . import deadletter
+from ._compat import KombuRedisChannel, KombuRedisTransport
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +139,10 @@ def broker_errors(connection: Any) -> tuple[type[BaseException], ...]:
     return tuple(e for e in errors if not issubclass(e, LookupError))
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}"
-
-
 class QoS(redis.QoS):
     """kombu's Redis QoS, looking for abandoned messages at every sweep."""
+
+    channel: Channel
 
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel._pma_recorded
@@ -147,24 +156,12 @@ class QoS(redis.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
         super().ack(delivery_tag)
-        self._take_next()
+        self.channel.wake_poller()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
         super().reject(delivery_tag, requeue=requeue)
-        self._take_next()
-
-    def _take_next(self) -> None:
-        # Celery acknowledges from a callback that runs after the event
-        # loop's "poll start" hook and before it polls: without this the
-        # freed slot waits for the poll to time out (up to 2 s) first.
-        channel = self.channel
-        cycle = getattr(channel.connection, "cycle", None)
-        if cycle is None or channel._in_poll or not channel.active_queues or not self.can_consume():
-            return
-        if getattr(cycle, "poller", None) is None or channel not in cycle._channels:
-            return
-        cycle._register_BRPOP(channel)
+        self.channel.wake_poller()
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         # kombu scans for messages a dead worker left unacknowledged on one
@@ -173,7 +170,7 @@ class QoS(redis.QoS):
         super().restore_visible(start=start, num=num, interval=self.channel.unacked_restore_throttle)
 
 
-class Channel(redis.Channel):
+class Channel(KombuRedisChannel):
     """kombu's Redis channel: messages taken atomically, refused ones dead-lettered, long delays kept aside."""
 
     QoS = QoS
@@ -181,7 +178,11 @@ class Channel(redis.Channel):
     unacked_restore_throttle = 1
     #: Entries kept per queue in the dead letters (``PYMACARON_ASYNC_DEAD_LETTER_MAX``).
     dead_letter_max = 10_000
-    from_transport_options = (*redis.Channel.from_transport_options, "unacked_restore_throttle", "dead_letter_max")
+    from_transport_options = (
+        *KombuRedisChannel.from_transport_options,
+        "unacked_restore_throttle",
+        "dead_letter_max",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pma_recorded: set[str] = set()
@@ -196,15 +197,15 @@ class Channel(redis.Channel):
         if channels is not None:
             channels.add(self)
 
-    def _create_client(self, asynchronous: bool = False) -> Any:
+    def make_client(self, asynchronous: bool = False) -> Any:
         # kombu builds a new redis-py client for every command it sends (~60 us
         # each with redis-py 8); one client per pool serves them all.
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return self.kombu_create_client(asynchronous=True)
         pool = self.pool
         cached = self.__dict__.get("_pma_client")
         if cached is None or cached[0] is not pool:
-            cached = self._pma_client = (pool, super()._create_client())
+            cached = self._pma_client = (pool, self.kombu_create_client())
         return cached[1]
 
     def _pma_redis(self) -> Any:
@@ -230,16 +231,15 @@ class Channel(redis.Channel):
 
     # -- publishing: a long delay waits in a sorted set ----------------------------
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+    def put_one(self, queue: str, message: Any, **kwargs: Any) -> None:
         due = _due(message)
         # A worker holds a message it received early, unacknowledged, until it
         # is due: past the visibility timeout another worker would run it too.
         if due is None or due - time() <= self.visibility_timeout / 2:
-            return super()._put(queue, message, **kwargs)
-        key = self._pma_key(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)))
+            return self.kombu_put(queue, message, **kwargs)
+        key = self._pma_key(self.queue_key(queue, self.priority_of(message)))
         scheduled = self._pma_key(queue + deadletter.SCHEDULED_SUFFIX)
-        with self.conn_or_acquire():
-            self._pma_redis().zadd(scheduled, {deadletter.member(key, dumps(message)): due})
+        self._pma_redis().zadd(scheduled, {deadletter.member(key, dumps(message)): due})
 
     def pma_move_due(self) -> int:
         """Move the delayed messages of this channel's queues that are due soon onto their queue.
@@ -259,7 +259,7 @@ class Channel(redis.Channel):
         Far below the visibility timeout: the worker that takes it holds it,
         unacknowledged, only that long before it runs it.
         """
-        return min(self.visibility_timeout / 4, 5.0)
+        return float(min(self.visibility_timeout / 4, 5.0))
 
     # -- dead letters and deferred messages ----------------------------------------
 
@@ -291,7 +291,7 @@ class Channel(redis.Channel):
                 fields.get("task_id"),
             )
             return None
-        stored, dropped = bytes_to_str(reply[0]), int(reply[1])
+        stored, dropped = str(bytes_to_str(reply[0])), int(reply[1])
         deadletter.stored(description, stored, dropped, self.dead_letter_max)
         return stored
 
@@ -333,11 +333,6 @@ class Channel(redis.Channel):
         )
         deadletter.stored(description, bytes_to_str(reply[0]), int(reply[1]), self.dead_letter_max)
 
-    def _pma_logged(self, queue: str, stored: str, dropped: int, reason: str) -> None:
-        """Log an item the take script dead-lettered, with the exact reason (the entry has the script's)."""
-        description = {"queue": queue, "reason": reason, "kind": deadletter.REFUSED}
-        deadletter.stored(description, stored, dropped, self.dead_letter_max)
-
     # -- taking messages -------------------------------------------------------
 
     def _atomic_take(self) -> bool:
@@ -351,17 +346,16 @@ class Channel(redis.Channel):
             self._pma_atomic = (major, minor) >= (6, 2)
         return self._pma_atomic and not any(self._pma_no_ack.get(q, True) for q in self.active_queues)
 
-    def _brpop_start(self, timeout: float | None = None) -> None:
+    def take_start(self, timeout: float | None = None) -> None:
         if timeout is None:
             timeout = getattr(self, "brpop_timeout", 1)  # kombu 5.2: always 1
-        queues = self._queue_cycle.consume(len(self.active_queues))
+        queues = self.next_queues()
         if not queues:
             return
         names = [queue for _ in self.priority_steps for queue in queues]
-        keys = [self._pma_key(self._q_for_pri(queue, pri)) for pri in self.priority_steps for queue in queues]
+        keys = [self._pma_key(self.queue_key(queue, pri)) for pri in self.priority_steps for queue in queues]
         connection = self.client.connection
-        self._in_poll = connection
-        self._brpop_sent_at = monotonic()
+        self.polling = connection
         if not self._atomic_take():
             self._pma_sent = _BRPOP_CMD
             connection.send_command(_BRPOP_CMD, *keys, timeout or 0)
@@ -387,7 +381,7 @@ class Channel(redis.Channel):
             # most `timeout` seconds.
             connection.send_command(_WAIT_CMD, keys[0], keys[0], "RIGHT", "RIGHT", timeout or 0)
 
-    def _brpop_read(self, **options: Any) -> Any:
+    def take_read(self, **options: Any) -> Any:
         sent = self._pma_sent
         try:
             try:
@@ -399,14 +393,12 @@ class Channel(redis.Channel):
                 if sent == _BRPOP_CMD:
                     raise
                 # No Lua or no BLMOVE on this server after all: kombu's way.
-                log.warning("Taking messages atomically failed (%s); using BRPOP", _short(exc))
+                log.warning("Taking messages atomically failed (%s); using BRPOP", one_line(exc))
                 self._pma_atomic = False
                 raise Empty() from None
         finally:
-            self._in_poll = None
-            flush = getattr(self, "_flush_brpop_reauth", None)
-            if flush is not None:
-                flush()
+            self.polling = None
+            self.after_take_read()
         if sent == _WAIT_CMD or not reply:
             self._pma_next = _TAKE_CMD if sent == _WAIT_CMD else _WAIT_CMD
             raise Empty()
@@ -420,18 +412,14 @@ class Channel(redis.Channel):
         if self.global_keyprefix and key.startswith(self.global_keyprefix):
             key = key[len(self.global_keyprefix) :]
         queue = self._pma_queue(key)
-        self._queue_cycle.rotate(queue)
+        self.rotate(queue)
         item = reply[1]
         tag = bytes_to_str(reply[2]) if len(reply) > 2 and reply[2] else None
-        try:
-            envelope = loads(bytes_to_str(item))
-        except Exception as exc:  # whatever kombu's JSON decoder raises on garbage
-            problem = f"not a readable message envelope ({_short(exc)})"
-        else:
-            problem = envelope_problem(envelope)
+        envelope, problem = _read(item)
         if len(reply) == 5:
-            # The take script dead-lettered it already.
-            self._pma_logged(queue, bytes_to_str(reply[3]), int(reply[4]), problem or "not a message envelope")
+            # The take script dead-lettered it already: log the exact reason.
+            description = {"queue": queue, "reason": problem or "not a message envelope", "kind": deadletter.REFUSED}
+            deadletter.stored(description, bytes_to_str(reply[3]), int(reply[4]), self.dead_letter_max)
             raise Empty()
         if problem is not None:
             if tag is not None:
@@ -446,37 +434,32 @@ class Channel(redis.Channel):
         elif not self._pma_no_ack.get(queue, True):
             self._pma_keys[envelope["properties"]["delivery_tag"]] = key
         self.connection._pma_checked = envelope
-        self.connection._deliver(envelope, queue)
+        self.deliver(envelope, queue)
         return True
 
-    def _get(self, queue: str) -> Any:
+    def get_one(self, queue: str) -> Any:
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
-                key = self._q_for_pri(queue, pri)
+                key = self.queue_key(queue, pri)
                 item = client.rpop(key)
                 if not item:
                     continue
-                try:
-                    envelope = loads(bytes_to_str(item))
-                except Exception as exc:  # whatever kombu's JSON decoder raises on garbage
-                    problem: str | None = f"not a readable message envelope ({_short(exc)})"
-                else:
-                    problem = envelope_problem(envelope)
+                envelope, problem = _read(item)
                 if problem is None:
                     return envelope
                 self._pma_dead_item(key, item, problem)
         raise Empty()
 
     def close(self) -> None:
-        if self._in_poll and self._pma_sent == _TAKE_CMD and not self.closed:
+        if self.polling and self._pma_sent == _TAKE_CMD and not self.closed:
             # A message taken for a consumer that is going away goes back to
             # the front of its queue now, not after the visibility timeout.
             try:
                 reply = self.client.parse_response(self.client.connection, _TAKE_CMD)
             except Exception as exc:  # closing: what was taken waits in Redis for the visibility timeout
-                log.debug("Could not read the last message taken (%s)", _short(exc))
+                log.debug("Could not read the last message taken (%s)", one_line(exc))
                 reply = None
-            self._in_poll = None
+            self.polling = None
             if reply and len(reply) == 3 and reply[2]:
                 self.qos.restore_by_tag(bytes_to_str(reply[2]))
         super().close()
@@ -488,20 +471,29 @@ class Channel(redis.Channel):
         if connection is not None:
             connection.disconnect()
 
-    def _receive_one(self, c: Any) -> Any:
+    def receive_fanout(self, c: Any) -> Any:
         # Fanout (pub/sub) items: the workers' remote control. Nothing to keep:
         # a bad one is logged and skipped.
         transport = self.connection
         transport._pma_delivering = False
         try:
-            return super()._receive_one(c)
+            return self.kombu_receive_fanout(c)
         except Exception as exc:
-            # Past `_deliver` the message belongs to the consumer, and broker
+            # Past delivery the message belongs to the consumer, and broker
             # errors must reach kombu's reconnection logic.
             if transport._pma_delivering or isinstance(exc, broker_errors(transport)):
                 raise
-            log.error("Rejected an item published to the workers: not a readable message envelope (%s)", _short(exc))
+            log.error("Rejected an item published to the workers: not a readable message envelope (%s)", one_line(exc))
             return None
+
+
+def _read(item: Any) -> tuple[Any, str | None]:
+    """A queue item decoded as a message envelope, and why kombu could not use it (None when it can)."""
+    try:
+        envelope = loads(bytes_to_str(item))
+    except Exception as exc:  # whatever kombu's JSON decoder raises on garbage
+        return None, f"not a readable message envelope ({one_line(exc)})"
+    return envelope, envelope_problem(envelope)
 
 
 def _due(message: Any) -> float | None:
@@ -519,7 +511,7 @@ def _due(message: Any) -> float | None:
     return when.timestamp()
 
 
-class Transport(redis.Transport):
+class Transport(KombuRedisTransport):
     """kombu's Redis transport with :class:`Channel`, moving due delayed messages every second in the worker."""
 
     Channel = Channel
@@ -544,19 +536,19 @@ class Transport(redis.Transport):
             try:
                 moved = channel.pma_move_due()
             except Exception as exc:  # the broker is away: the next second tries again
-                log.debug("Could not move due delayed messages: %s", _short(exc))
+                log.debug("Could not move due delayed messages: %s", one_line(exc))
                 continue
             if moved:
                 log.debug("Moved %d delayed message(s) onto their queue", moved)
 
-    def _deliver(self, message: Any, queue: str | None) -> None:
+    def deliver_one(self, message: Any, queue: str | None) -> None:
         self._pma_delivering = True
         checked, self._pma_checked = self._pma_checked, None
         problem = None if checked is not None and message is checked else envelope_problem(message)
         if problem is not None:
             log.error("Rejected an item from queue %r: %s", queue, problem)
             return
-        super()._deliver(message, queue)
+        self.kombu_deliver(message, queue)
 
 
 # The delayed-message mover of each event loop (one per worker, whatever the reconnections).

@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import current_app, has_app_context
 
+from flask_pymacaron_async import PymacaronAsync
 from flask_pymacaron_async.errors import ContextError
 
 # Used only when the app has no signing key at all (inline mode outside API.start()).
@@ -41,7 +42,10 @@ def _secrets() -> list[bytes]:
     """The signing key, then the older keys still accepted (``PYMACARON_ASYNC_SECRET_KEY_FALLBACKS``)."""
     keys: list[Any] = []
     if has_app_context():
-        state = current_app.extensions.get("pymacaron_async")
+        try:
+            state = PymacaronAsync.state_for(current_app)
+        except RuntimeError:  # not set up on this app (yet)
+            state = None
         if state is not None and state.settings.secret_key:
             keys = [state.settings.secret_key, *state.settings.secret_key_fallbacks]
     if not keys:
@@ -51,7 +55,8 @@ def _secrets() -> list[bytes]:
 
 def encrypt_token(token: str) -> str:
     """``token`` encrypted and authenticated with the app's signing key."""
-    return _fernet(_secrets()[0]).encrypt(token.encode("utf-8")).decode("ascii")
+    encrypted: bytes = _fernet(_secrets()[0]).encrypt(token.encode("utf-8"))
+    return encrypted.decode("ascii")
 
 
 def decrypt_token(value: str) -> str:

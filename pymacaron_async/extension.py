@@ -71,4 +71,4 @@ def _init(app: Flask, worker: bool) -> Any:
             "with it. Set one of them, the same in the server and the worker."
         )
     ext.init_app(app)
-    return app.extensions[PymacaronAsync.extension_name]
+    return PymacaronAsync.state_for(app)

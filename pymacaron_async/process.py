@@ -1,9 +1,10 @@
 """The worker a pymacaron server starts for itself: ``start_celery``.
 
-The worker is an owned child process: started with ``Popen`` (no shell),
-stopped by pid when the server exits, restarted when the server reloads its
-code, and watching its parent so that it also stops when the server is
-killed without a chance to clean up.
+The worker is an owned child process (:mod:`flask_pymacaron_async.process`):
+started with ``Popen`` (no shell) tied to the server, stopped by pid when the
+server exits, restarted when the server reloads its code, and watching its
+parent so that it also stops when the server is killed without a chance to
+clean up.
 
 pymacaron's ``letsgo`` runs the dev server with Werkzeug's reloader, which
 calls ``start_celery`` twice: in the reloader (the top process, which lives as
@@ -25,6 +26,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Sequence
+
+from flask_pymacaron_async import process
 
 from . import config
 
@@ -129,7 +132,7 @@ class WorkerProcess:
     def _spawn(self) -> None:
         # Its own session: a Ctrl-C in the terminal reaches the server, which
         # then stops the worker in order, instead of both racing.
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, start_new_session=True)
+        self.proc = process.popen_tied(self.argv, env=self.env, cwd=self.cwd)
         log.info("Started Celery worker (pid %s)", self.proc.pid)
 
     def _terminate(self) -> None:
@@ -137,14 +140,8 @@ class WorkerProcess:
         if proc is None or proc.poll() is not None:
             return
         log.info("Stopping Celery worker (pid %s)", proc.pid)
-        proc.terminate()
-        try:
-            proc.wait(self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("Celery worker (pid %s) still running after %ss: killing it", proc.pid, self.stop_timeout)
-            # The worker leads its own process group: its pool processes go with it.
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # The worker leads its own process group: killed, its pool processes go with it.
+        process.stop(proc, self.stop_timeout, group=True, name="Celery worker")
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.25):
@@ -213,7 +210,7 @@ def start_celery(port: int | str, debug: bool, concurrency: int | None = None, k
         config.ENV_DEBUG: "1" if debug else "",
         config.ENV_PARENT_PID: str(os.getpid()),
     }
-    for name in (config.ENV_OWNER_PID, "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD"):
+    for name in (config.ENV_OWNER_PID, *process.SERVER_ONLY_ENV):
         env.pop(name, None)
     name = getattr(config.pym_config(), "name", None) or config_path.parent.name
     argv = worker_argv(

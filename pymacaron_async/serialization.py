@@ -51,9 +51,9 @@ def decode_model(value: Any, tagged: Mapping[str, Any]) -> PymacaronBaseModel:
         )
     if not isinstance(value, dict):
         raise ValueError(f"pymacaron model {api_name}.{model_name}: expected a JSON object, got {type(value).__name__}")
-    cls = getattr(pool, model_name)
+    cls = getattr(pool, str(model_name))
     copyreg.pickle(cls, _reduce_model)
-    return cls.from_json(value)  # type: ignore[no-any-return]
+    return cls.from_json(value)
 
 
 def rebuild_model(api_name: str, model_name: str, value: Any) -> PymacaronBaseModel:

@@ -16,19 +16,16 @@ import sys
 from typing import Any, Callable, Iterator, TypeVar, overload
 
 from celery import current_task
-from celery.exceptions import Ignore, Reject, Retry
 from flask import Flask, current_app, has_app_context, has_request_context
 
 from flask_pymacaron_async import AsyncTask
+from flask_pymacaron_async.errors import CONTROL_FLOW
 
 from .extension import ext, init_app
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# Celery control flow, not failures.
-_CONTROL_FLOW = (Retry, Ignore, Reject)
 
 
 class TaskCrashed(Exception):  # noqa: N818  (named after what happened, like Celery's Reject)
@@ -133,7 +130,7 @@ def _crash_handled(func: Callable[..., Any]) -> Callable[..., Any]:
         t0 = timenow()
         try:
             return func(*args, **kwargs)
-        except _CONTROL_FLOW:
+        except CONTROL_FLOW:
             raise
         except (Exception, PyMacaronException) as exc:
             _report(func, t0, exc)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
-import time
 from typing import Any
+
+from flask_pymacaron_async import PymacaronAsync, process
 
 from . import config
 
@@ -37,7 +37,7 @@ def get_celery() -> Any:
             from .loader import load_service
 
             app = load_service()
-            _celery = app.extensions["pymacaron_async"].celery
+            _celery = PymacaronAsync.state_for(app).celery
             _watch_parent()
     return _celery
 
@@ -47,12 +47,4 @@ def _watch_parent() -> None:
     expected = os.environ.get(config.ENV_PARENT_PID)
     if not expected or not expected.isdigit() or int(expected) != os.getppid():
         return
-    parent = int(expected)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        log.warning("The server that started this worker (pid %s) is gone: shutting down", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="pymacaron-async-parent", daemon=True).start()
+    process.watch_parent(int(expected), interval=1.0)

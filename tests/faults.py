@@ -18,6 +18,8 @@ from pathlib import Path
 
 import redis
 
+from flask_pymacaron_async import process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -36,16 +38,20 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A redis-server subprocess owned by a test; stop and start it at will."""
+    """A redis-server subprocess owned by a test (flask_pymacaron_async.process); stop and start it at will."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = True) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.appendonly = appendonly
+        self.process: process.OwnedProcess | None = None
         self._client: redis.Redis | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc if self.process is not None else None
 
     def start(self, timeout: float = 15) -> RedisServer:
         args = [
@@ -59,16 +65,15 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "yes",
+            "yes" if self.appendonly else "no",
             "--appendfsync",
             "always",
         ]
-        self._log = open(self.directory / "redis.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = process.OwnedProcess(args, log_path=self.directory / "redis.log", name="redis-server").start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if not self.process.alive():
+                raise RuntimeError(f"redis-server exited with {self.process.proc.returncode}")
             probe = redis.Redis(port=self.port, socket_timeout=1)
             try:
                 if probe.ping():
@@ -84,16 +89,9 @@ class RedisServer:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.process is not None:
+            self.resume()  # a paused server cannot act on SIGTERM
+            self.process.stop(15)
 
     def pause(self) -> None:
         """SIGSTOP: the port still accepts connections, nothing answers."""
@@ -101,8 +99,8 @@ class RedisServer:
         self.proc.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         """A client of this server (one per server, closed when it stops)."""

@@ -86,7 +86,7 @@ def test_status_lists_live_workers_and_their_running_tasks(app, runner, queue, s
     while time.monotonic() < deadline:
         workers = _status(runner)["workers"]
         running = [
-            t for name, tasks in workers.items() if name.startswith(worker.name.split("@")[0] + "@") for t in tasks
+            t for name, tasks in workers.items() if name.startswith(worker.node_name.split("@")[0] + "@") for t in tasks
         ]
         if running:
             break

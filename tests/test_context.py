@@ -75,13 +75,13 @@ def test_headers_allowlist_can_carry_authorization(broker_url):
 def test_snapshot_taken_once_per_request(app):
     calls = []
     ext = basic.ext
-    original = ext._user_dumper
+    original = ext.users.dumper
 
     def counting():
         calls.append(1)
         return "u"
 
-    ext._user_dumper = counting
+    ext.users.dumper = counting
     try:
         state = app.extensions["pymacaron_async"]
         from flask_pymacaron_async import context
@@ -90,7 +90,7 @@ def test_snapshot_taken_once_per_request(app):
             assert context.take(state) is context.take(state)
         assert len(calls) == 1
     finally:
-        ext._user_dumper = original
+        ext.users.dumper = original
 
 
 def test_outside_request_runs_in_app_context_only(module_worker, reports, unique):

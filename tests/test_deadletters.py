@@ -166,7 +166,7 @@ def test_a_task_that_failed_for_good_is_kept_and_runs_once_when_requeued(deploy,
     text = _cli(app, "dead").output
     assert "1 dead letter:" in text and result.id in text and "not allowed yet" in text
     status = json.loads(_cli(app, "status", "--json").output)
-    assert status["dead_letters"] == {queue: 1}
+    assert status["dead_letters"][queue] == 1
     assert "1 dead letter (flask async dead)" in _cli(app, "status").output
 
     # The Python API says the same.
@@ -386,7 +386,7 @@ def test_purge_drops_delayed_tasks_too(deploy, server):
     with app.test_request_context("/later"):
         reliable.work.apply_async(("purged", 1, 0), countdown=3600)
     status = json.loads(_cli(app, "status", "--json").output)
-    assert status["delayed"] == {queue: 1}
+    assert status["delayed"][queue] == 1
     assert "1 delayed" in _cli(app, "status").output
     purged = _cli(app, "purge", "--yes")
     assert purged.exit_code == 0 and "Purged 1 task" in purged.output

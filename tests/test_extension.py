@@ -53,10 +53,10 @@ def test_two_apps_one_extension_have_their_own_celery_and_config():
 
 
 def test_nothing_created_at_import_time():
-    import flask_pymacaron_async.extension as extension
+    from flask_pymacaron_async import state
 
     ext = PymacaronAsync()
-    assert not [s for s in extension._STATES if s.ext is ext]
+    assert not state.states(ext)
     with pytest.raises(RuntimeError, match="init_app"):
         _ = ext.celery
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import pytest
 
-from flask_pymacaron_async import spawn
+from flask_pymacaron_async import devserver, spawn
 from tests.conftest import ROOT, _free_port
 from tests.faults import alive
 
@@ -239,7 +239,7 @@ def test_flask_run_role(monkeypatch):
     from flask.cli import ScriptInfo
 
     monkeypatch.delenv("WERKZEUG_RUN_MAIN", raising=False)
-    assert spawn._flask_run_role() is None  # not under `flask run`
+    assert devserver._flask_run_role() is None  # not under `flask run`
     run = click.Command("run")
     for reload, run_main, role in ((False, None, "serve"), (True, None, "watch"), (True, "true", "serve")):
         if run_main:
@@ -247,9 +247,9 @@ def test_flask_run_role(monkeypatch):
         ctx = click.Context(run, obj=ScriptInfo(), info_name="run")
         ctx.params["reload"] = reload
         with ctx:
-            assert spawn._flask_run_role() == role
+            assert devserver._flask_run_role() == role
     with click.Context(click.Command("shell"), obj=ScriptInfo(), info_name="shell"):
-        assert spawn._flask_run_role() is None
+        assert devserver._flask_run_role() is None
 
 
 def test_a_spawned_worker_uses_its_servers_broker_and_never_spawns(monkeypatch):

@@ -107,10 +107,10 @@ def test_tampered_or_missing_context_is_rejected_worker_survives(app, start_work
         payload = context.take(state)
     # Signed for some other message, then a digit changed: the signature matches nothing.
     good = state.signer.sign(payload, task.name, "some-id", b"[]")
-    task._publish(("tampered", f"{unique}-bad"), {}, headers={context.HEADER: good[:-2] + "xx"}, queue=queue)
-    task._publish(("missing", f"{unique}-bad"), {}, queue=queue)
+    task.celery_apply_async(("tampered", f"{unique}-bad"), {}, headers={context.HEADER: good[:-2] + "xx"}, queue=queue)
+    task.celery_apply_async(("missing", f"{unique}-bad"), {}, queue=queue)
     other = context.ContextSigner("another-key").sign(payload, task.name, "some-id", b"[]")
-    task._publish(("other-key", f"{unique}-bad"), {}, headers={context.HEADER: other}, queue=queue)
+    task.celery_apply_async(("other-key", f"{unique}-bad"), {}, headers={context.HEADER: other}, queue=queue)
     basic.record_value.apply_async(("after", unique), queue=queue)
     assert reports.one(unique)["value"] == "after"
     assert reports.none(f"{unique}-bad", wait=0.5)

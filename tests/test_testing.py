@@ -175,8 +175,8 @@ def create_app():
 
 @ext.task
 def greet(name):
-    client = redis.Redis.from_url(os.environ["PMA_TEST_BROKER_URL"])
-    client.rpush(os.environ["INNER_KEY"], json.dumps({"name": name, "url": request.url, "pid": os.getpid()}))
+    with redis.Redis.from_url(os.environ["PMA_TEST_BROKER_URL"]) as client:
+        client.rpush(os.environ["INNER_KEY"], json.dumps({"name": name, "url": request.url, "pid": os.getpid()}))
 """
 
 INNER_TESTS = """
@@ -206,6 +206,7 @@ def test_worker(client, async_worker):
     client.post("/hello?name=bob")
     client_ = redis.Redis.from_url(os.environ["PMA_TEST_BROKER_URL"])
     item = client_.blpop(os.environ["INNER_KEY"], timeout=30)
+    client_.close()
     assert item is not None
     seen = json.loads(item[1])
     assert seen["name"] == "bob" and seen["pid"] == async_worker.pid
@@ -249,8 +250,8 @@ def test_the_plugin_is_loaded_by_its_entry_point_and_kills_the_worker(tmp_path):
 def test_plugin_module_creates_nothing_at_import():
     code = (
         "import sys, threading; import flask_pymacaron_async.testing as t; "
-        "import flask_pymacaron_async.extension as e; "
-        "assert not list(e._STATES), 'a state'; assert threading.active_count() == 1, 'a thread'; "
+        "import flask_pymacaron_async.state as e; "
+        "assert not e.states(), 'a state'; assert threading.active_count() == 1, 'a thread'; "
         "print(json.dumps(sorted(n for n in dir(t) if not n.startswith('_'))))"
     )
     result = subprocess.run(

@@ -61,8 +61,8 @@ def report(key, value):
         if "PMA_TEST_BROKER_URL_FOR_REPORTS" in current_app.config
         else current_app.config["PYMACARON_ASYNC_BROKER_URL"]
     )
-    client = redis.Redis.from_url(url)
-    client.rpush(f"{current_app.config['REPORT_PREFIX']}:{key}", json.dumps(value))
+    with redis.Redis.from_url(url) as client:
+        client.rpush(f"{current_app.config['REPORT_PREFIX']}:{key}", json.dumps(value))
 
 
 def context_seen():

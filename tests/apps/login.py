@@ -51,13 +51,13 @@ def create_app():
 
 @ext.task
 def who(key):
-    client = redis.Redis.from_url(current_app.config["PYMACARON_ASYNC_BROKER_URL"])
     seen = {
         "authenticated": current_user.is_authenticated,
         "id": current_user.get_id(),
         "cls": type(current_user._get_current_object()).__name__,
     }
-    client.rpush(f"{os.environ.get('PMA_TEST_PREFIX', 'pma-test')}:{key}", json.dumps(seen))
+    with redis.Redis.from_url(current_app.config["PYMACARON_ASYNC_BROKER_URL"]) as client:
+        client.rpush(f"{os.environ.get('PMA_TEST_PREFIX', 'pma-test')}:{key}", json.dumps(seen))
 
 
 app = create_app()

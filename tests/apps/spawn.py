@@ -77,8 +77,8 @@ def where(key):
         "broker_pid": broker_pid,
         "time": time.time(),
     }
-    client = redis.Redis.from_url(os.environ["PMA_TEST_BROKER_URL"])
-    client.rpush(f"{os.environ['PMA_TEST_PREFIX']}:{key}", json.dumps(seen))
+    with redis.Redis.from_url(os.environ["PMA_TEST_BROKER_URL"]) as client:
+        client.rpush(f"{os.environ['PMA_TEST_PREFIX']}:{key}", json.dumps(seen))
 
 
 app = create_app()

@@ -1,0 +1,221 @@
+"""Every use of a Flask, Flask-Login, Celery or kombu internal, in one place.
+
+Each entry says the versions it was checked on and the public alternative,
+when there is one. Nothing else in the package touches a third-party private
+name; setup.py bounds kombu and Celery to the versions checked here, because
+:class:`KombuRedisChannel` and :func:`task_sender` override or call internals
+that a new release may change.
+
+Checked on: Flask 1.1.4 and 3.1.3 (and Flask's main branch, 3.2 to be, for
+:func:`request_context`); Flask-Login 0.5.0 and 0.6.3; Celery 5.1.2 and
+5.7.0; kombu 5.2.0, 5.2.4 and 5.7.0.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from flask import ctx as flask_ctx
+from kombu.transport import redis as kombu_redis
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from flask.sessions import SessionMixin
+
+
+# -- Flask --------------------------------------------------------------------------
+
+
+#: Whether Flask merged ``RequestContext`` into ``AppContext`` (Flask 3.2+): a
+#: request context is then a fresh app context too.
+MERGED_CONTEXTS = hasattr(flask_ctx.AppContext, "from_environ")
+
+
+def request_context(app: Flask, environ: dict[str, Any], session: SessionMixin | None = None) -> Any:
+    """A request context for ``app`` built from ``environ``.
+
+    Flask 3.2 merges ``RequestContext`` into ``AppContext`` (``RequestContext``
+    becomes a deprecated alias): ``app.request_context()`` makes one context
+    for the app and the request, and opens the session only when it is used.
+    Up to 3.1, ``app.request_context(environ)`` opens the session when pushed
+    (~17 µs per task, for a session that could only be empty: the caller's
+    cookie never travels), so ``RequestContext`` gets ``session`` ready-made.
+
+    Public alternative: ``app.request_context(environ)``, used from Flask 3.2.
+    """
+    if MERGED_CONTEXTS:
+        return app.request_context(environ)
+    return flask_ctx.RequestContext(app, environ, session=session)
+
+
+# -- Flask-Login ----------------------------------------------------------------------
+
+
+def user_callback(manager: Any) -> Callable[[Any], Any] | None:
+    """The function registered with ``@login_manager.user_loader``.
+
+    Public since Flask-Login 0.6 (``LoginManager.user_callback``); 0.5 keeps it in ``_user_callback``.
+    """
+    if hasattr(type(manager), "user_callback"):
+        return manager.user_callback  # type: ignore[no-any-return]
+    return manager._user_callback  # type: ignore[no-any-return]
+
+
+def set_current_user(manager: Any, user: Any) -> None:
+    """Make ``current_user`` answer ``user`` in the current request context (Flask-Login 0.5.0–0.6.3).
+
+    No public alternative: ``login_user()`` also writes the session and sends
+    ``user_logged_in``, which a task restoring its caller must not do.
+    """
+    manager._update_request_context_with_user(user)
+
+
+# -- Celery --------------------------------------------------------------------------
+
+
+def task_sender(amqp: Any) -> Callable[..., Any]:
+    """Celery's function that publishes a task message (Celery 5.1.2–5.7.0).
+
+    Public alternative: ``AMQP.send_task_message``, the cached property that
+    :class:`~flask_pymacaron_async.amqp.AMQP` overrides to wrap this one.
+    """
+    return amqp._create_task_sender()  # type: ignore[no-any-return]
+
+
+def run_celery(celery: Any, argv: list[str], prog_name: str) -> int | None:
+    """``celery -A <celery> <argv>``, returning the command's exit code (Celery 5.1.2–5.7.0).
+
+    Public alternative: ``Celery.start(argv)``, which does the same (it sets
+    the default of the global ``celery`` command's ``--app`` option) but drops
+    the exit code of a command that returns normally.
+    """
+    from celery.bin.celery import celery as celery_main
+
+    celery_main.params[0].default = celery
+    try:
+        return celery_main.main(args=argv, prog_name=prog_name, standalone_mode=False)  # type: ignore[no-any-return]
+    finally:
+        celery_main.params[0].default = None
+
+
+# -- kombu ---------------------------------------------------------------------------
+
+
+def envelope(message: Any) -> dict[str, Any]:
+    """The envelope a message of kombu's virtual transports was decoded from (``Message._raw``, kombu 5.2–5.7).
+
+    Public alternative: ``Message.serializable()``, which re-encodes the body
+    (its signature then no longer matches what the worker checked).
+    """
+    return message._raw  # type: ignore[no-any-return]
+
+
+class KombuRedisChannel(kombu_redis.Channel):
+    """kombu's Redis channel, with the private hooks the extension overrides under public names.
+
+    kombu calls ``_brpop_start`` to send the blocking take of the next
+    message, ``_brpop_read`` when its reply can be read, ``_get`` for
+    ``basic_get``, ``_put`` to publish, ``_receive_one`` for fanout
+    messages and ``_create_client`` for every synchronous command
+    (kombu 5.2.0–5.7.0). A subclass implements :meth:`take_start`,
+    :meth:`take_read`, :meth:`get_one`, :meth:`put_one`, :meth:`receive_fanout`
+    and :meth:`make_client`; ``kombu_*`` are kombu's own versions.
+    """
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        self.take_start(timeout)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        return self.take_read(**options)
+
+    def _get(self, queue: str) -> Any:
+        return self.get_one(queue)
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        self.put_one(queue, message, **kwargs)
+
+    def _receive_one(self, c: Any) -> Any:
+        return self.receive_fanout(c)
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        return self.make_client(asynchronous)
+
+    # kombu's own versions.
+
+    def kombu_put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        super()._put(queue, message, **kwargs)
+
+    def kombu_receive_fanout(self, c: Any) -> Any:
+        return super()._receive_one(c)
+
+    def kombu_create_client(self, asynchronous: bool = False) -> Any:
+        return super()._create_client(asynchronous=asynchronous)
+
+    # kombu's private state, read and written under public names.
+
+    def queue_key(self, queue: str, priority: Any) -> str:
+        """The Redis list of ``queue`` for ``priority``."""
+        return self._q_for_pri(queue, priority)  # type: ignore[no-any-return]
+
+    def priority_of(self, message: Any) -> Any:
+        """The priority step of a message to publish."""
+        return self._get_message_priority(message, reverse=False)
+
+    def next_queues(self) -> list[str]:
+        """The active queues, starting with the one whose turn it is."""
+        return self._queue_cycle.consume(len(self.active_queues))  # type: ignore[no-any-return]
+
+    def rotate(self, queue: str) -> None:
+        """Give the other queues their turn after a message of ``queue``."""
+        self._queue_cycle.rotate(queue)
+
+    @property
+    def polling(self) -> Any:
+        """The connection a blocking take was sent on and not read yet, or None."""
+        return self._in_poll
+
+    @polling.setter
+    def polling(self, connection: Any) -> None:
+        self._in_poll = connection
+        if connection is not None:
+            self._brpop_sent_at = _monotonic()
+
+    def after_take_read(self) -> None:
+        """What kombu does once a take's reply is read (kombu 5.7: flush a streaming re-authentication)."""
+        flush = getattr(self, "_flush_brpop_reauth", None)
+        if flush is not None:
+            flush()
+
+    def deliver(self, envelope: Any, queue: str) -> None:
+        """Hand a decoded envelope to the queue's consumer."""
+        self.connection._deliver(envelope, queue)
+
+    def wake_poller(self) -> None:
+        """Send the next take now, when the event loop polls this channel and no take is pending.
+
+        Celery acknowledges from a callback that runs after the event loop's
+        "poll start" hook and before it polls: without this, the slot the ack
+        frees waits for the poll to time out (up to 2 s) first.
+        """
+        cycle = getattr(self.connection, "cycle", None)
+        if cycle is None or self._in_poll or not self.active_queues or not self.qos.can_consume():
+            return
+        if getattr(cycle, "poller", None) is None or self not in cycle._channels:
+            return
+        cycle._register_BRPOP(self)
+
+
+class KombuRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, with its private delivery hook under a public name (kombu 5.2.0–5.7.0)."""
+
+    def _deliver(self, message: Any, queue: str | None) -> None:
+        self.deliver_one(message, queue)
+
+    def kombu_deliver(self, message: Any, queue: str | None) -> None:
+        super()._deliver(message, queue)
+
+
+def _monotonic() -> float:
+    from time import monotonic
+
+    return monotonic()

@@ -1,0 +1,216 @@
+"""Publishing one call of a task: now, after the response, or inline.
+
+Every call (``task(...)``, ``.delay()``, ``.apply_async()``, a canvas
+signature) reaches :meth:`Publisher.publish`: its arguments are checked and
+encoded (a ``TypeError`` naming the argument that cannot be sent), then
+
+- ``PYMACARON_ASYNC_ENABLED = False``: run here, through the worker's path
+  (signed, verified, decoded, context rebuilt);
+- ``after_response`` (in a request): held until the response is sent, then
+  published on one producer; dropped when the view failed;
+- otherwise: handed to Celery now, with the context snapshot in the message
+  headers (signed for the message by :class:`~flask_pymacaron_async.amqp.AMQP`).
+
+A broker that does not answer raises
+:class:`~flask_pymacaron_async.errors.AsyncUnavailable` (or runs the call
+inline with ``PYMACARON_ASYNC_FALLBACK = "inline"``).
+
+:func:`captured` is the seam the pytest plugin's ``captured_tasks`` uses:
+while it is active, calls are handed to a recorder instead of Celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from celery.result import AsyncResult, EagerResult
+from flask import Response, after_this_request, has_request_context, request
+
+from . import context, runner, serialization, signals
+from .context import ContextSigner
+from .errors import AsyncUnavailable, MessageTooLarge, one_line
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .state import AsyncState
+    from .task import ContextTask
+
+log = logging.getLogger(__name__)
+
+#: A stand-in for Celery's publish: ``sender(task, payload, args, kwargs, options) -> AsyncResult``.
+Sender = Callable[["ContextTask", str, "tuple[Any, ...]", "dict[str, Any]", "dict[str, Any]"], AsyncResult]
+
+# Where the calls held until after the response wait, per request.
+_HELD_KEY = "pymacaron_async.held"
+
+# The senders of active `captured()` blocks, innermost last.
+_CAPTURING: list[Sender] = []
+
+
+@contextlib.contextmanager
+def captured(sender: Sender) -> Iterator[None]:
+    """Hand every call published in the block to ``sender`` instead of Celery (every app, every extension).
+
+    Everything else happens as usual: argument checks, the snapshot, the
+    signals, after_response holding.
+    """
+    _CAPTURING.append(sender)
+    try:
+        yield
+    finally:
+        _CAPTURING.remove(sender)
+
+
+class Publisher:
+    """How the calls of one app are published."""
+
+    def __init__(self, state: AsyncState) -> None:
+        self.state = state
+
+    def publish(self, task: ContextTask, args: Any, kwargs: Any, options: dict[str, Any]) -> AsyncResult:
+        """Check, snapshot and queue one call of ``task``: now, after the response, or inline."""
+        settings = self.state.settings
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        encoded = serialization.check_arguments(task.name, task.run, args, kwargs)
+        if len(encoded) > settings.max_message_bytes:
+            raise MessageTooLarge(
+                f"{task.name}(): arguments take {len(encoded)} bytes, over "
+                f"PYMACARON_ASYNC_MAX_MESSAGE_BYTES={settings.max_message_bytes}"
+            )
+        if not settings.enabled:
+            return self.run_inline(task, context.take(self.state), encoded, args, kwargs)
+        if task.pma_delay and "countdown" not in options and "eta" not in options:
+            options["countdown"] = task.pma_delay
+        if task.pma_queue and "queue" not in options:
+            options["queue"] = task.pma_queue
+        options.setdefault("retry", False)
+        if (task.pma_publish or settings.publish) == "after_response" and has_request_context():
+            return self._hold(task, args, kwargs, options)
+        return self.send(task, context.take(self.state), args, kwargs, options, encoded)
+
+    def send(
+        self,
+        task: ContextTask,
+        payload: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        encoded: str | None = None,
+    ) -> AsyncResult:
+        """Hand one call to Celery; :class:`~flask_pymacaron_async.amqp.AMQP` signs its context for the message."""
+        headers = dict(options.pop("headers", None) or {})
+        headers[context.HEADER] = context.Unsigned(payload)
+        try:
+            if _CAPTURING:
+                options.pop("producer", None)
+                result = _CAPTURING[-1](task, payload, args, kwargs, {**options, "headers": headers})
+            else:
+                result = task.celery_apply_async(args, kwargs, headers=headers, **options)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            if self.state.settings.fallback == "inline":
+                log.warning("Broker unavailable (%s); running %s inline", exc, task.name)
+                if encoded is None:
+                    encoded = serialization.dumps([args, kwargs])
+                return self.run_inline(task, payload, encoded, args, kwargs)
+            reason = " ".join(str(exc).split())
+            raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
+        signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
+        return result
+
+    # -- after the response ----------------------------------------------------------
+
+    def _hold(
+        self, task: ContextTask, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Keep a call until the response has been sent; its id is known now.
+
+        Only the snapshot is taken before the response: its payload is
+        written once per request, after it, and signed per message.
+        """
+        environ = request.environ
+        held = environ.get(_HELD_KEY)
+        if held is None:
+            held = environ[_HELD_KEY] = []
+            after_this_request(self._after_response)
+        task_id = options.setdefault("task_id", str(uuid.uuid4()))
+        context.request_snapshot(self.state)  # taken now, as an immediate call would
+        held.append((task, args, kwargs, options))
+        return task.AsyncResult(task_id)
+
+    def _after_response(self, response: Response) -> Response:
+        held = request.environ.pop(_HELD_KEY, [])
+        if response.status_code >= 500:
+            log.debug("Response %s: dropping %d held task(s)", response.status_code, len(held))
+        elif held:
+            snapshot = context.request_snapshot(self.state)
+            response.call_on_close(lambda: self._publish_held(snapshot, held))
+        return response
+
+    def teardown(self, sender: Flask, exc: BaseException | None = None, **extra: Any) -> None:
+        """Publish the calls still held at teardown: they never saw a response (a rebuilt or test request).
+
+        Connected to ``request_tearing_down`` by ``init_app`` (a signal, not
+        ``app.teardown_request``: pymacaron services set the extension up
+        after their first request). Dropped when the view raised.
+        """
+        held = request.environ.pop(_HELD_KEY, None)
+        if not held:
+            return
+        if exc is not None:
+            log.debug("Request failed (%r): dropping %d held task(s)", exc, len(held))
+        else:
+            self._publish_held(context.request_snapshot(self.state), held)
+
+    def _publish_held(self, snapshot: dict[str, Any], held: list[tuple[Any, ...]]) -> None:
+        """Publish the tasks of one request on one producer; failures cannot reach the client any more."""
+        payload = ContextSigner.payload(snapshot)
+        producing = contextlib.nullcontext(None) if _CAPTURING else self.state.celery.producer_or_acquire()
+        with producing as producer:
+            for task, args, kwargs, options in held:
+                try:
+                    self.send(task, payload, args, kwargs, {**options, "producer": producer})
+                except Exception as exc:
+                    task_id = options["task_id"]
+                    log.error("Task %s[%s] not published after the response: %s", task.name, task_id, one_line(exc))
+                    signals.task_failed.send(self.state.app, task_name=task.name, task_id=task_id, exception=exc)
+
+    # -- inline -------------------------------------------------------------------------
+
+    def run_inline(
+        self, task: ContextTask, payload: str, encoded: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> EagerResult:
+        """Run a call in this process, through the same path as in the worker (signed, checked, decoded)."""
+        state = self.state
+        task_id = str(uuid.uuid4())
+        token = state.signer.sign(payload, task.name, task_id, encoded)
+        snapshot = state.signer.verify(token, task.name, task_id, encoded)
+        args, kwargs = serialization.loads(encoded)
+        signals.task_queued.send(state.app, task_name=task.name, task_id=task_id)
+        value = runner.run_in_context(state, task, snapshot, args, kwargs, task_id)
+        return EagerResult(task_id, value, "SUCCESS")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the broker or the result backend did not answer."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - redis is a dependency
+        RedisConnectionError = RedisTimeoutError = OSError  # type: ignore[assignment,misc]  # noqa: N806
+    kinds = (OperationalError, RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+    # Celery's result backend wraps the connection error in a RuntimeError.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -1,0 +1,224 @@
+"""What the extension keeps for one Flask app, in ``app.extensions["pymacaron_async"]``.
+
+:func:`state_for` is the way to reach it (``PymacaronAsync.state_for(app)``
+says the same); nothing else reads ``app.extensions`` by hand.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery import Celery
+from flask import Flask, current_app, has_app_context
+
+from . import context, serialization, transport
+from .config import Settings
+from .context import ContextSigner
+from .users import UserHooks
+
+if TYPE_CHECKING:
+    from .publish import Publisher
+    from .task import AsyncTask, ContextTask
+
+#: Key of the per-app state in ``app.extensions``.
+EXTENSION_KEY = "pymacaron_async"
+
+#: Live per-app states, so tasks declared after ``init_app`` reach every app.
+_STATES: weakref.WeakSet[AsyncState] = weakref.WeakSet()
+
+#: Called with ``(app, state)`` at the end of every ``init_app`` (the development server's hook).
+_INIT_HOOKS: list[Callable[[Flask, AsyncState], None]] = []
+
+
+class AsyncState:
+    """Everything the extension keeps for one Flask app.
+
+    :param ext: the :class:`~flask_pymacaron_async.PymacaronAsync` that set it up.
+    :param app: the Flask app.
+    :param settings: its validated configuration.
+    :param users: the owner's user hooks.
+    """
+
+    def __init__(self, ext: Any, app: Flask, settings: Settings, users: UserHooks) -> None:
+        #: The :class:`~flask_pymacaron_async.PymacaronAsync` that set it up.
+        self.ext = ext
+        self.app = app
+        self.settings = settings
+        self.users = users
+        self.import_name = app.import_name
+        self.signer = ContextSigner(settings.secret_key or os.urandom(32), settings.secret_key_fallbacks)
+        self.header_keys = tuple(context.environ_key(h) for h in settings.context_headers)
+        # Proof, inside the worker's processes, that the consumer verified a
+        # message's signature (the task body runs in a pool process, without the body).
+        self._verified_key = secrets.token_bytes(32)
+        #: How calls are published (set by ``init_app``).
+        self.publisher: Publisher
+        #: The app's Celery app.
+        self.celery = make_celery(self)
+
+    def __repr__(self) -> str:
+        return f"<AsyncState of {self.import_name!r}>"
+
+    # -- the consumer's verification mark --------------------------------------------
+
+    def mark(self, token: str) -> str:
+        """The mark the consumer gives a message whose context ``token`` it verified."""
+        return hmac.new(self._verified_key, token.encode("utf-8", "surrogateescape"), "sha256").hexdigest()
+
+    def is_verified(self, mark: Any, token: Any) -> bool:
+        """Whether ``mark`` is this worker's mark for ``token``."""
+        if not isinstance(mark, str) or not isinstance(token, str):
+            return False
+        return hmac.compare_digest(mark, self.mark(token))
+
+    # -- users -------------------------------------------------------------------------
+
+    def dump_user(self) -> Any:
+        """What identifies the current user, as sent to the worker."""
+        return self.users.dump(self.app)
+
+    def load_user(self, value: Any) -> None:
+        """Restore the user in the worker's rebuilt context."""
+        self.users.load(self.app, value)
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def register(self, task: AsyncTask[Any]) -> ContextTask:
+        """The Celery task for ``task`` in this app, registered on first use."""
+        registered = self.celery.tasks.get(task.name)
+        if registered is not None:
+            return registered  # type: ignore[no-any-return]
+        options = dict(task.options)
+        delay = options.pop("delay", None)
+        # Celery deprecates the task `queue` attribute: route per call instead.
+        queue = options.pop("queue", None)
+        publish = options.pop("publish", None)
+        if publish not in (None, "immediate", "after_response"):
+            raise ValueError(f"@asynctask(publish=...) must be 'immediate' or 'after_response', got {publish!r}")
+        return self.celery.task(  # type: ignore[no-any-return]
+            task.run,
+            name=task.name,
+            shared=False,
+            pma_delay=delay,
+            pma_queue=queue,
+            pma_publish=publish,
+            **options,
+        )
+
+
+#: Bounded retries everywhere a call can touch the broker or the result
+#: backend: Celery's defaults retry for tens of seconds.
+_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+def make_celery(state: AsyncState) -> Celery:
+    """The Celery app of ``state``'s Flask app: the extension's defaults, then the app's ``CELERY`` setting."""
+    s = state.settings
+    celery = Celery(
+        state.import_name,
+        set_as_current=False,
+        task_cls="flask_pymacaron_async.task:ContextTask",
+        amqp="flask_pymacaron_async.amqp:AMQP",
+    )
+    timeout = s.publish_timeout
+    celery.conf.update(
+        broker_url=s.broker_url,
+        result_backend=s.result_backend,
+        task_ignore_result=s.result_backend is None,
+        task_serializer=serialization.SERIALIZER,
+        result_serializer="json",
+        accept_content=[serialization.SERIALIZER, "json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_timeout=timeout,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": s.visibility_timeout,
+            "dead_letter_max": s.dead_letter_max,
+            "socket_connect_timeout": timeout,
+            # A broker that accepts connections and never answers (paused,
+            # half-open TCP) must fail a publish too, not hang it.
+            "socket_timeout": timeout,
+            **_RETRY_POLICY,
+        },
+        result_backend_transport_options={"retry_policy": _RETRY_POLICY},
+        redis_socket_connect_timeout=timeout,
+        task_publish_retry=False,
+    )
+    celery.conf.update(s.celery)
+    transport.configure(celery, s.celery)
+    celery.pma_state = state
+    return celery
+
+
+def add(app: Flask, state: AsyncState) -> None:
+    """Keep ``state`` as ``app``'s, and run the init hooks."""
+    app.extensions[EXTENSION_KEY] = state
+    _STATES.add(state)
+    for hook in list(_INIT_HOOKS):
+        hook(app, state)
+
+
+def on_init_app(hook: Callable[[Flask, AsyncState], None]) -> Callable[[Flask, AsyncState], None]:
+    """Call ``hook(app, state)`` at the end of every ``init_app`` (a decorator)."""
+    _INIT_HOOKS.append(hook)
+    return hook
+
+
+def state_for(app: Flask) -> AsyncState:
+    """The state of ``app``.
+
+    :raises RuntimeError: when ``app`` has no extension.
+    """
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise RuntimeError(
+            f"The app {app.name!r} has no PymacaronAsync extension: did you call PymacaronAsync.init_app(app)?"
+        )
+    return state  # type: ignore[no-any-return]
+
+
+def for_extension(owner: Any) -> AsyncState:
+    """The state ``owner`` (a ``PymacaronAsync``) keeps for the current app, else for the only app it has.
+
+    :raises RuntimeError: when neither tells.
+    """
+    if has_app_context():
+        state = current_app.extensions.get(EXTENSION_KEY)
+        if state is not None and state.ext is owner:
+            return state  # type: ignore[no-any-return]
+    candidates = states(owner)
+    if len(candidates) == 1:
+        return candidates[0]
+    raise RuntimeError(
+        "The current Flask app is not registered with this 'PymacaronAsync' instance. "
+        "Did you forget to call 'init_app', or do you have multiple instances?"
+    )
+
+
+def for_call(owner: Any, name: str) -> AsyncState:
+    """The state of the app that should run task ``name``: the current app's, else the only app's.
+
+    :param owner: the ``PymacaronAsync`` the task was declared on, or None (``@asynctask``).
+    :raises RuntimeError: when the current app has no extension, or several apps could be meant.
+    """
+    if has_app_context():
+        return state_for(current_app._get_current_object())  # type: ignore[attr-defined]
+    candidates = states(owner)
+    if len(candidates) != 1:
+        raise RuntimeError(
+            f"Cannot tell which Flask app should run {name} ({len(candidates)} apps have the extension): "
+            "call it inside an app context, or did you call PymacaronAsync.init_app(app)?"
+        )
+    return candidates[0]
+
+
+def states(owner: Any = None) -> list[AsyncState]:
+    """The live states (of ``owner``, when given)."""
+    return [s for s in _STATES if owner is None or s.ext is owner]
