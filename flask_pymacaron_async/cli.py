@@ -21,6 +21,7 @@ import click
 from flask.cli import AppGroup, ScriptInfo, pass_script_info
 
 from . import _compat, broker, deadletter, spawn
+from .errors import one_line
 from .process import watch_parent
 from .state import AsyncState, state_for
 
@@ -129,7 +130,7 @@ def collect_status(state: AsyncState, queues: list[str] | None = None, timeout: 
         status["delayed"] = broker.delayed_sizes(celery, names)
         status["dead_letters"] = deadletter.counts(celery, names)
     except Exception as exc:  # the broker went away between the calls
-        status["broker"].update(ok=False, error=" ".join(str(exc).split()))
+        status["broker"].update(ok=False, error=one_line(exc, 500, kind=False))
         return status
     # A broker may serve other apps' workers: list those consuming these queues.
     consuming = celery.control.inspect(timeout=timeout).active_queues() or {}

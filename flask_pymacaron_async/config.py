@@ -57,7 +57,11 @@ DEFAULTS: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The validated configuration of one Flask app."""
+    """The validated configuration of one Flask app.
+
+    Its ``repr`` leaves the keys out and masks the passwords of the broker
+    and result backend URLs.
+    """
 
     enabled: bool
     broker_url: str
@@ -77,6 +81,26 @@ class Settings:
     spawn_worker: bool | None
     embedded_broker: str | bool
     celery: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            if not field.repr:
+                continue
+            value = getattr(self, field.name)
+            if field.name in ("broker_url", "result_backend") and isinstance(value, str):
+                value = masked_url(value)
+            elif field.name == "celery":
+                value = {k: masked_url(v) if isinstance(v, str) and "://" in v else v for k, v in value.items()}
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password masked, for messages, logs and reprs."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
 
 
 def _check(key: str, ok: bool, expected: str, value: Any) -> None:

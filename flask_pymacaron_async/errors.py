@@ -35,7 +35,7 @@ class MessageTooLarge(AsyncError, ValueError):
     """The task's arguments exceed ``PYMACARON_ASYNC_MAX_MESSAGE_BYTES``."""
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``exc`` as ``Type: message`` on one line, for a log line or a reason (the message cut at ``limit``)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:limit]}"
+def one_line(exc: BaseException, limit: int = 200, *, kind: bool = True) -> str:
+    """``exc`` on one line, as ``Type: message`` (only the message without ``kind``), cut at ``limit``."""
+    text = " ".join(str(exc).split())[:limit]
+    return f"{type(exc).__name__}: {text}" if kind else text

@@ -119,7 +119,7 @@ class Publisher:
                 if encoded is None:
                     encoded = serialization.dumps([args, kwargs])
                 return self.run_inline(task, payload, encoded, args, kwargs)
-            reason = " ".join(str(exc).split())
+            reason = one_line(exc, 500, kind=False)
             raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
         signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
         return result
