@@ -73,6 +73,17 @@ def set_current_user(manager: Any, user: Any) -> None:
 # -- Celery --------------------------------------------------------------------------
 
 
+def current_celery_app() -> Any:
+    """The Celery app Celery's ``current_app`` stands for in this thread (Celery 5.1.2–5.7.0).
+
+    Public alternative: the ``celery.current_app`` proxy, whose object is
+    reached through ``_get_current_object()``, no more public.
+    """
+    from celery._state import get_current_app
+
+    return get_current_app()
+
+
 def task_sender(amqp: Any) -> Callable[..., Any]:
     """Celery's function that publishes a task message (Celery 5.1.2–5.7.0).
 

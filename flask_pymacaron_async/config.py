@@ -28,7 +28,7 @@ DEFAULT_CONTEXT_HEADERS = (
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 
-PUBLISH_MODES = ("immediate", "after_response")
+PUBLISH_MODES = ("immediate", "after_response", "after_commit")
 FALLBACKS = (None, "inline")
 EMBEDDED_BROKER_MODES = ("auto", True, False)
 

@@ -38,6 +38,8 @@ class PymacaronAsync:
         self.users = UserHooks()
         #: The tasks declared with :meth:`task`, by name.
         self.declared: dict[str, AsyncTask[Any]] = {}
+        #: Returns the SQLAlchemy session of ``publish="after_commit"`` (:meth:`sqlalchemy_session`).
+        self.session_getter: Callable[[], Any] | None = None
         if app is not None:
             self.init_app(app)
 
@@ -98,6 +100,16 @@ class PymacaronAsync:
         (``g`` and ``request`` are available), only when that value is not None.
         """
         self.users.loader = func
+        return func
+
+    def sqlalchemy_session(self, func: F) -> F:
+        """Register the function that returns the SQLAlchemy session ``publish="after_commit"`` follows.
+
+        Not needed with Flask-SQLAlchemy (its ``db.session`` is used). The
+        function is called in the caller's context when a task is queued; it
+        may return a ``Session`` or a ``scoped_session``.
+        """
+        self.session_getter = func
         return func
 
     # -- dead letters ----------------------------------------------------------

@@ -8,6 +8,9 @@ encoded (a ``TypeError`` naming the argument that cannot be sent), then
   (signed, verified, decoded, context rebuilt);
 - ``after_response`` (in a request): held until the response is sent, then
   published on one producer; dropped when the view failed;
+- ``after_commit`` (the app's SQLAlchemy session in a transaction): held
+  until the transaction commits, dropped when it rolls back
+  (:mod:`~flask_pymacaron_async.commit`);
 - otherwise: handed to Celery now, with the context snapshot in the message
   headers (signed for the message by :class:`~flask_pymacaron_async.amqp.AMQP`).
 
@@ -27,9 +30,9 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from celery.result import AsyncResult, EagerResult
-from flask import Response, after_this_request, has_request_context, request
+from flask import Response, after_this_request, has_app_context, has_request_context, request
 
-from . import context, runner, serialization, signals
+from . import commit, context, runner, serialization, signals
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
@@ -89,8 +92,13 @@ class Publisher:
         if task.pma_queue and "queue" not in options:
             options["queue"] = task.pma_queue
         options.setdefault("retry", False)
-        if (task.pma_publish or settings.publish) == "after_response" and has_request_context():
+        mode = task.pma_publish or settings.publish
+        if mode == "after_response" and has_request_context():
             return self._hold(task, args, kwargs, options)
+        if mode == "after_commit":
+            held = self._hold_for_commit(task, args, kwargs, options)
+            if held is not None:
+                return held
         return self.send(task, context.take(self.state), args, kwargs, options, encoded)
 
     def send(
@@ -123,6 +131,32 @@ class Publisher:
             raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
         signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
         return result
+
+    def send_later(
+        self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> None:
+        """:meth:`send` for a call the caller cannot hear about any more: a failure is logged and signalled."""
+        try:
+            self.send(task, payload, args, kwargs, options)
+        except Exception as exc:
+            task_id = options.get("task_id")
+            log.error("Task %s[%s] not published: %s", task.name, task_id, one_line(exc))
+            signals.task_failed.send(self.state.app, task_name=task.name, task_id=task_id, exception=exc)
+
+    # -- after the commit --------------------------------------------------------------
+
+    def _hold_for_commit(
+        self, task: ContextTask, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult | None:
+        """Hold a call until the app's SQLAlchemy transaction commits; None when there is no transaction."""
+        if not has_app_context():
+            return None
+        session = commit.current_session(self.state.app, getattr(self.state.ext, "session_getter", None))
+        task_id = options.setdefault("task_id", str(uuid.uuid4()))
+        payload = context.take(self.state)
+        if not commit.hold(session, lambda: self.send_later(task, payload, args, kwargs, options)):
+            return None
+        return task.AsyncResult(task_id)
 
     # -- after the response ----------------------------------------------------------
 
@@ -174,12 +208,7 @@ class Publisher:
         producing = contextlib.nullcontext(None) if _CAPTURING else self.state.celery.producer_or_acquire()
         with producing as producer:
             for task, args, kwargs, options in held:
-                try:
-                    self.send(task, payload, args, kwargs, {**options, "producer": producer})
-                except Exception as exc:
-                    task_id = options["task_id"]
-                    log.error("Task %s[%s] not published after the response: %s", task.name, task_id, one_line(exc))
-                    signals.task_failed.send(self.state.app, task_name=task.name, task_id=task_id, exception=exc)
+                self.send_later(task, payload, args, kwargs, {**options, "producer": producer})
 
     # -- inline -------------------------------------------------------------------------
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import Celery
-from flask import Flask, current_app, has_app_context
+from flask import Flask, appcontext_popped, appcontext_pushed, current_app, has_app_context
 
-from . import context, serialization, transport
-from .config import Settings
+from . import _compat, context, serialization, transport
+from .config import PUBLISH_MODES, Settings
 from .context import ContextSigner
 from .users import UserHooks
 
@@ -29,6 +30,17 @@ EXTENSION_KEY = "pymacaron_async"
 
 #: Live per-app states, so tasks declared after ``init_app`` reach every app.
 _STATES: weakref.WeakSet[AsyncState] = weakref.WeakSet()
+
+# Per thread, the Celery apps that were current before each app context pushed.
+_PREVIOUS = threading.local()
+
+
+def _previous_celery() -> list[Any]:
+    stack: list[Any] | None = getattr(_PREVIOUS, "stack", None)
+    if stack is None:
+        stack = _PREVIOUS.stack = []
+    return stack
+
 
 #: Called with ``(app, state)`` at the end of every ``init_app`` (the development server's hook).
 _INIT_HOOKS: list[Callable[[Flask, AsyncState], None]] = []
@@ -85,6 +97,19 @@ class AsyncState:
         """Restore the user in the worker's rebuilt context."""
         self.users.load(self.app, value)
 
+    # -- Celery's current app ---------------------------------------------------------------
+
+    def celery_current(self, sender: Flask, **extra: Any) -> None:
+        """Make the app's Celery app Celery's current one while an app context is pushed."""
+        _previous_celery().append(_compat.current_celery_app())
+        self.celery.set_current()
+
+    def celery_restore(self, sender: Flask, **extra: Any) -> None:
+        """Give Celery back the current app it had before the app context was pushed."""
+        previous = _previous_celery()
+        if previous:
+            previous.pop().set_current()
+
     # -- tasks -------------------------------------------------------------------------
 
     def register(self, task: AsyncTask[Any]) -> ContextTask:
@@ -97,8 +122,8 @@ class AsyncState:
         # Celery deprecates the task `queue` attribute: route per call instead.
         queue = options.pop("queue", None)
         publish = options.pop("publish", None)
-        if publish not in (None, "immediate", "after_response"):
-            raise ValueError(f"@asynctask(publish=...) must be 'immediate' or 'after_response', got {publish!r}")
+        if publish not in (None, *PUBLISH_MODES):
+            raise ValueError(f"@asynctask(publish=...) must be one of {PUBLISH_MODES}, got {publish!r}")
         return self.celery.task(  # type: ignore[no-any-return]
             task.run,
             name=task.name,
@@ -158,9 +183,23 @@ def make_celery(state: AsyncState) -> Celery:
 
 
 def add(app: Flask, state: AsyncState) -> None:
-    """Keep ``state`` as ``app``'s, and run the init hooks."""
+    """Keep ``state`` as ``app``'s, make its Celery app Celery's current one in its contexts, run the init hooks.
+
+    Celery's own API then finds the app's Celery app: ``celery.current_app``,
+    ``AsyncResult(id)`` without ``app=`` and ``@shared_task`` tasks, inside
+    the app's contexts; outside them, the Celery app of the first Flask app
+    set up in the process is Celery's default app (as the Flask docs' recipe
+    makes it). ``app.extensions["celery"]`` is the Celery app too, as the
+    recipe has it, unless something else is there already.
+    """
     app.extensions[EXTENSION_KEY] = state
+    app.extensions.setdefault("celery", state.celery)
+    first = not states()
     _STATES.add(state)
+    if first:
+        state.celery.set_default()
+    appcontext_pushed.connect(state.celery_current, app)
+    appcontext_popped.connect(state.celery_restore, app)
     for hook in list(_INIT_HOOKS):
         hook(app, state)
 
