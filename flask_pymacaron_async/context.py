@@ -188,7 +188,10 @@ def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | s
 
 def _split(token: Any) -> tuple[str, str]:
     if not isinstance(token, str):
-        raise ContextError(f"no context snapshot in header {HEADER!r}")
+        raise ContextError(
+            f"no context snapshot in header {HEADER!r} (sent by a process without this extension, "
+            "e.g. plain Celery's send_task from another service?)"
+        )
     payload, sep, signature = token.rpartition(".")
     if not sep or not payload:
         raise ContextError("the context snapshot's signature does not match this message (not a signed snapshot)")

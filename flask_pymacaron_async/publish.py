@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request
 
-from . import commit, context, runner, serialization, signals
+from . import commit, context, runner, serialization, signals, tracing
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
@@ -92,6 +92,9 @@ class Publisher:
         if task.pma_queue and "queue" not in options:
             options["queue"] = task.pma_queue
         options.setdefault("retry", False)
+        trace = tracing.trace_headers()
+        if trace:
+            options["headers"] = {**(options.get("headers") or {}), **trace}
         mode = task.pma_publish or settings.publish
         if mode == "after_response" and has_request_context():
             return self._hold(task, args, kwargs, options)

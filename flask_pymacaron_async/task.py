@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject
 
-from . import context, runner
+from . import context, runner, tracing
 from . import state as states
 from .errors import ContextError
 
@@ -73,7 +73,9 @@ class ContextTask(Task):
             snapshot = context.ContextSigner.decode(token)
         except ContextError as exc:
             raise Reject(str(exc), requeue=False) from None
-        return runner.run_in_context(state, self, snapshot, args, kwargs, request.id)
+        carrier = {name: context.header(request, name) for name in tracing.TRACE_HEADERS}
+        with tracing.task_span(self.name, request.id, carrier):
+            return runner.run_in_context(state, self, snapshot, args, kwargs, request.id)
 
 
 class AsyncTask(Generic[R]):

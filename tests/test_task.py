@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from celery import chain, group
+from celery import Celery, chain, group
 from celery.result import AsyncResult
 from flask import g
 
@@ -108,7 +108,10 @@ def test_tampered_or_missing_context_is_rejected_worker_survives(app, start_work
     # Signed for some other message, then a digit changed: the signature matches nothing.
     good = state.signer.sign(payload, task.name, "some-id", b"[]")
     task.celery_apply_async(("tampered", f"{unique}-bad"), {}, headers={context.HEADER: good[:-2] + "xx"}, queue=queue)
-    task.celery_apply_async(("missing", f"{unique}-bad"), {}, queue=queue)
+    # Sent by another service's plain Celery: no context at all.
+    plain = Celery("other-service", broker=basic.celery.conf.broker_url, set_as_current=False)
+    plain.send_task(task.name, ("missing", f"{unique}-bad"), queue=queue, serializer="json")
+    plain.close()
     other = context.ContextSigner("another-key").sign(payload, task.name, "some-id", b"[]")
     task.celery_apply_async(("other-key", f"{unique}-bad"), {}, headers={context.HEADER: other}, queue=queue)
     basic.record_value.apply_async(("after", unique), queue=queue)
