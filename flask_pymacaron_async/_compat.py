@@ -230,3 +230,95 @@ def _monotonic() -> float:
     from time import monotonic
 
     return monotonic()
+
+
+# -- py-amqp (RabbitMQ) ---------------------------------------------------------------
+
+
+def confirms_publishes(producer: Any) -> bool:
+    """Whether ``producer`` publishes on py-amqp with publisher confirms (``confirm_publish``)."""
+    raw = getattr(getattr(producer, "connection", None), "connection", None)
+    return bool(getattr(raw, "confirm_publish", False)) and hasattr(raw, "drain_events")
+
+
+class ConfirmedBatch:
+    """Publishes on a py-amqp channel of its own, then waits once for every confirm.
+
+    py-amqp's ``basic_publish_confirm`` waits for each message's ``basic.ack``
+    in turn (one round trip per message). This channel is put in confirm mode
+    by the batch itself, so the delivery tag of each message is known (they
+    count from 1 on a channel), its messages are written one after the other,
+    and :meth:`wait` reads the acks (single or ``multiple``) until the last one
+    is covered. A ``basic.nack`` or a timeout raises; the channel is then
+    closed. Uses py-amqp's ``_basic_publish`` (the publish without a wait) and
+    ``events``; checked on py-amqp 5.0 and 5.3.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection  # kombu's Connection
+        self.channel = connection.channel()
+        self.channel.confirm_select()
+        self.channel._confirm_selected = True
+        self.published = 0
+        self.acked: set[int] = set()
+        self.acked_upto = 0
+        self.nacked: list[int] = []
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.channel.basic_publish = self._publish
+
+    @classmethod
+    def of(cls, producer: Any) -> ConfirmedBatch:
+        """The batch channel of ``producer``'s connection (made on first use, kept with the connection)."""
+        connection = producer.connection
+        batch = getattr(connection, "_pma_confirmed_batch", None)
+        if batch is None or not batch.channel.is_open or batch.channel.connection is None:
+            batch = connection._pma_confirmed_batch = cls(connection)
+        return batch
+
+    def _publish(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("confirm_timeout", None)
+        self.published += 1
+        return self.channel._basic_publish(*args, **kwargs)
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.acked_upto = max(self.acked_upto, tag)
+        else:
+            self.acked.add(tag)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self.nacked.append(tag)
+
+    def _confirmed(self, first: int) -> bool:
+        return all(t <= self.acked_upto or t in self.acked for t in range(first, self.published + 1))
+
+    def wait(self, first: int, timeout: float) -> None:
+        """Read confirms until the messages from tag ``first`` on are all acked (``MessageNacked`` on a nack)."""
+        import socket
+        import time
+
+        from amqp.exceptions import MessageNacked
+
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._confirmed(first):
+                if self.nacked:
+                    raise MessageNacked(f"the broker refused message(s) {sorted(self.nacked)}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout(f"no publisher confirm after {timeout}s")
+                self.channel.connection.drain_events(timeout=remaining)
+            if self.nacked:
+                raise MessageNacked(f"the broker refused message(s) {sorted(self.nacked)}")
+        except BaseException:
+            self.close()
+            raise
+        self.acked = {t for t in self.acked if t > self.acked_upto}
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+        except Exception:  # the connection is gone already
+            pass
+        self.connection._pma_confirmed_batch = None

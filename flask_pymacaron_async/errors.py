@@ -23,6 +23,9 @@ class AsyncUnavailable(AsyncError):
     task in the caller instead.
     """
 
+    #: For a batch (:meth:`PymacaronAsync.batch <flask_pymacaron_async.PymacaronAsync.batch>`): the ids of its tasks.
+    task_ids: list[str | None] = []
+
 
 class ContextError(AsyncError):
     """A task message carries a missing, tampered or unreadable context snapshot.

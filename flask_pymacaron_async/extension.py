@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
 from flask import Flask, request_tearing_down
 
-from . import deadletter, state
+from . import deadletter, publish, state
 from .config import load_settings
 from .publish import Publisher
 from .task import DECLARED, AsyncTask, declare
@@ -101,6 +101,22 @@ class PymacaronAsync:
         """
         self.users.loader = func
         return func
+
+    def batch(self) -> ContextManager[None]:
+        """Hold the tasks queued in the ``with`` block and publish them in one round trip at its end.
+
+        .. code-block:: python
+
+            with ext.batch():
+                for follower in followers:
+                    notify(follower.id)   # returns its AsyncResult at once
+
+        Usable anywhere (requests, scripts, CLI commands, tasks fanning out);
+        nested blocks join the outer one, and in a request published
+        ``after_response`` the block's tasks join the request's. When the
+        block raises, nothing is published. See :func:`flask_pymacaron_async.publish.batch`.
+        """
+        return publish.batch()
 
     def sqlalchemy_session(self, func: F) -> F:
         """Register the function that returns the SQLAlchemy session ``publish="after_commit"`` follows.

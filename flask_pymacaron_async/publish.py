@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request
 
-from . import commit, context, runner, serialization, signals, tracing
+from . import _compat, commit, context, runner, serialization, signals, tracing
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
@@ -52,6 +53,51 @@ _HELD_KEY = "pymacaron_async.held"
 
 # The senders of active `captured()` blocks, innermost last.
 _CAPTURING: list[Sender] = []
+
+#: A call held for later: (publisher, task, snapshot payload, args, kwargs, options).
+Call = tuple["Publisher", "ContextTask", str, "tuple[Any, ...]", "dict[str, Any]", "dict[str, Any]"]
+
+# Per thread, the calls of the active `batch()` block.
+_BATCH = threading.local()
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Hold the calls made in the block, and publish them in one round trip when it exits cleanly.
+
+    Each call returns its ``AsyncResult`` at once, and an argument that
+    cannot be sent still raises ``TypeError`` at the call. When the block
+    raises, nothing of it is published (a debug log says how much was
+    dropped). Nested blocks join the outer one; in a request published
+    ``after_response``, the calls join the request's (same batch). A broker
+    that does not answer raises :class:`~flask_pymacaron_async.errors.AsyncUnavailable`
+    at the exit (or runs the calls inline with ``PYMACARON_ASYNC_FALLBACK = "inline"``).
+    """
+    if getattr(_BATCH, "calls", None) is not None:
+        yield
+        return
+    calls: list[Call] = []
+    _BATCH.calls = calls
+    # In a request published after the response, the block's calls join the
+    # request's held ones: a block that raises takes its own back out.
+    environ = request.environ if has_request_context() else None
+    mark = len(environ.get(_HELD_KEY) or ()) if environ is not None else 0
+    try:
+        yield
+    except BaseException:
+        held = environ.get(_HELD_KEY) if environ is not None else None
+        dropped = len(calls) + (len(held) - mark if held else 0)
+        if held:
+            del held[mark:]
+        log.debug("The batch block raised: dropping %d held call(s)", dropped)
+        raise
+    finally:
+        _BATCH.calls = None
+    by_publisher: dict[int, list[Call]] = {}
+    for call in calls:
+        by_publisher.setdefault(id(call[0]), []).append(call)
+    for group in by_publisher.values():
+        group[0][0].send_many(group, raising=True)
 
 
 @contextlib.contextmanager
@@ -102,6 +148,11 @@ class Publisher:
             held = self._hold_for_commit(task, args, kwargs, options)
             if held is not None:
                 return held
+        pending: list[Call] | None = getattr(_BATCH, "calls", None)
+        if pending is not None:
+            task_id = options.setdefault("task_id", str(uuid.uuid4()))
+            pending.append((self, task, context.take(self.state), args, kwargs, options))
+            return task.AsyncResult(task_id)
         return self.send(task, context.take(self.state), args, kwargs, options, encoded)
 
     def send(
@@ -112,8 +163,14 @@ class Publisher:
         kwargs: dict[str, Any],
         options: dict[str, Any],
         encoded: str | None = None,
+        *,
+        batched: bool = False,
     ) -> AsyncResult:
-        """Hand one call to Celery; :class:`~flask_pymacaron_async.amqp.AMQP` signs its context for the message."""
+        """Hand one call to Celery; :class:`~flask_pymacaron_async.amqp.AMQP` signs its context for the message.
+
+        :param batched: part of :meth:`send_many`: no signal, and a broker
+            error is left to it.
+        """
         headers = dict(options.pop("headers", None) or {})
         headers[context.HEADER] = context.Unsigned(payload)
         try:
@@ -123,7 +180,7 @@ class Publisher:
             else:
                 result = task.celery_apply_async(args, kwargs, headers=headers, **options)
         except Exception as exc:
-            if not is_connection_error(exc):
+            if batched or not is_connection_error(exc):
                 raise
             if self.state.settings.fallback == "inline":
                 log.warning("Broker unavailable (%s); running %s inline", exc, task.name)
@@ -132,8 +189,81 @@ class Publisher:
                 return self.run_inline(task, payload, encoded, args, kwargs)
             reason = one_line(exc, 500, kind=False)
             raise AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})") from exc
-        signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
+        if not batched:
+            signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
         return result
+
+    def send_many(self, calls: list[Call], *, raising: bool) -> None:
+        """Publish held calls together: on Redis, in one round trip (one ``MULTI``/``EXEC``).
+
+        All are published, or none is: on a broker error, each call is run
+        inline (``PYMACARON_ASYNC_FALLBACK = "inline"``), else reported: when
+        ``raising``, by :class:`~flask_pymacaron_async.errors.AsyncUnavailable`
+        (its ``task_ids`` say which), otherwise by a log line with the task's
+        id and ``task_failed``.
+        """
+        if not calls:
+            return
+        results = []
+        try:
+            if _CAPTURING:
+                for _, task, payload, args, kwargs, options in calls:
+                    results.append(self.send(task, payload, args, kwargs, dict(options), batched=True))
+            else:
+                with self.state.celery.producer_or_acquire() as pooled, self._together(pooled) as producer:
+                    for _, task, payload, args, kwargs, options in calls:
+                        options = {**options, "producer": producer}
+                        results.append(self.send(task, payload, args, kwargs, options, batched=True))
+        except Exception as exc:
+            self._not_sent(calls, exc, raising)
+            return
+        for (_, task, *_rest), result in zip(calls, results):
+            signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
+
+    @contextlib.contextmanager
+    def _together(self, producer: Any) -> Iterator[Any]:
+        """The producer that sends what is published in the block in one round trip, at its end.
+
+        Redis: the channel collects the commands into one ``MULTI``/``EXEC``.
+        RabbitMQ with publisher confirms: the messages go out on a channel of
+        the batch and the confirms are awaited once. RabbitMQ without confirms
+        needs nothing: publishes are written without waiting for an answer.
+        """
+        collecting = getattr(producer.channel, "pma_collecting", None)
+        if collecting is not None:
+            with collecting():
+                yield producer
+        elif _compat.confirms_publishes(producer):
+            confirmed = _compat.ConfirmedBatch.of(producer)
+            first = confirmed.published + 1
+            yield self.state.celery.amqp.Producer(confirmed.channel, auto_declare=False)
+            confirmed.wait(first, self.state.settings.publish_timeout)
+        else:
+            yield producer
+
+    def _not_sent(self, calls: list[Call], exc: Exception, raising: bool) -> None:
+        unavailable = is_connection_error(exc)
+        if raising and not unavailable:
+            raise exc
+        if unavailable and self.state.settings.fallback == "inline":
+            log.warning("Broker unavailable (%s); running %d task(s) inline", one_line(exc), len(calls))
+            for _, task, payload, args, kwargs, _options in calls:
+                self.run_inline(task, payload, serialization.dumps([args, kwargs]), args, kwargs)
+            return
+        reason = one_line(exc, 500, kind=False)
+        if raising:
+            unsent = AsyncUnavailable(f"could not queue {len(calls)} task(s): the broker is unavailable ({reason})")
+            unsent.task_ids = [call[5].get("task_id") for call in calls]
+            raise unsent from exc
+        for _, task, _payload, _args, _kwargs, options in calls:
+            error: Exception = exc
+            if unavailable:
+                error = AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})")
+                error.__cause__ = exc
+            log.error("Task %s[%s] not published: %s", task.name, options.get("task_id"), one_line(error))
+            signals.task_failed.send(
+                self.state.app, task_name=task.name, task_id=options.get("task_id"), exception=error
+            )
 
     def send_later(
         self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
@@ -206,12 +336,11 @@ class Publisher:
             self._publish_held(context.request_snapshot(self.state), held)
 
     def _publish_held(self, snapshot: dict[str, Any], held: list[tuple[Any, ...]]) -> None:
-        """Publish the tasks of one request on one producer; failures cannot reach the client any more."""
+        """Publish the tasks of one request together; failures cannot reach the client any more."""
         payload = ContextSigner.payload(snapshot)
-        producing = contextlib.nullcontext(None) if _CAPTURING else self.state.celery.producer_or_acquire()
-        with producing as producer:
-            for task, args, kwargs, options in held:
-                self.send_later(task, payload, args, kwargs, {**options, "producer": producer})
+        self.send_many(
+            [(self, task, payload, args, kwargs, options) for task, args, kwargs, options in held], raising=False
+        )
 
     # -- inline -------------------------------------------------------------------------
 

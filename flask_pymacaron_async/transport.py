@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import weakref
 from datetime import datetime
 from queue import Empty
 from time import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
@@ -192,6 +193,10 @@ class Channel(KombuRedisChannel):
         self._pma_sent = _BRPOP_CMD
         self._pma_next = _TAKE_CMD
         self._pma_atomic: bool | None = None
+        # While collecting (pma_collecting): the Redis commands of what is
+        # published, and the routing tables read once for the whole block.
+        self._pma_collected: list[tuple[str, tuple[Any, ...]]] | None = None
+        self._pma_tables: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
         channels = getattr(self.connection, "_pma_channels", None)
         if channels is not None:
@@ -235,11 +240,65 @@ class Channel(KombuRedisChannel):
         due = _due(message)
         # A worker holds a message it received early, unacknowledged, until it
         # is due: past the visibility timeout another worker would run it too.
-        if due is None or due - time() <= self.visibility_timeout / 2:
-            return self.kombu_put(queue, message, **kwargs)
+        later = due is not None and due - time() > self.visibility_timeout / 2
+        collected = self._pma_collected
+        if (
+            collected is None
+            or kwargs.get("_publish_batch") is not None
+            or queue in (getattr(self, "_expires", None) or ())
+        ):
+            collected = None  # published now (or by kombu's own batch)
+        if not later:
+            if collected is None:
+                return self.kombu_put(queue, message, **kwargs)
+            collected.append(
+                ("lpush", (self._pma_key(self.queue_key(queue, self.priority_of(message))), dumps(message)))
+            )
+            return None
         key = self._pma_key(self.queue_key(queue, self.priority_of(message)))
-        scheduled = self._pma_key(queue + deadletter.SCHEDULED_SUFFIX)
-        self._pma_redis().zadd(scheduled, {deadletter.member(key, dumps(message)): due})
+        command = (
+            "zadd",
+            (self._pma_key(queue + deadletter.SCHEDULED_SUFFIX), {deadletter.member(key, dumps(message)): due}),
+        )
+        if collected is not None:
+            collected.append(command)
+        else:
+            self._pma_redis().zadd(*command[1])
+        return None
+
+    def get_table(self, exchange: str) -> Any:
+        """The bindings of ``exchange``: read once per :meth:`pma_collecting` block, not once per message."""
+        if self._pma_collected is None:
+            return super().get_table(exchange)
+        table = self._pma_tables.get(exchange)
+        if table is None:
+            table = self._pma_tables[exchange] = super().get_table(exchange)
+        return table
+
+    @contextlib.contextmanager
+    def pma_collecting(self) -> Iterator[None]:
+        """Hold what this channel publishes in the block, then send it all in one round trip.
+
+        One ``MULTI``/``EXEC`` pipeline: the messages reach their queues all
+        together, or none does. Nested blocks join the outer one; a block
+        that raises sends nothing.
+        """
+        if self._pma_collected is not None:
+            yield
+            return
+        collected: list[tuple[str, tuple[Any, ...]]] = []
+        self._pma_collected = collected
+        try:
+            yield
+        finally:
+            self._pma_collected = None
+            self._pma_tables.clear()
+        if not collected:
+            return
+        with self._pma_redis().pipeline(transaction=True) as pipe:
+            for name, command_args in collected:
+                getattr(pipe, name)(*command_args)
+            pipe.execute()
 
     def pma_move_due(self) -> int:
         """Move the delayed messages of this channel's queues that are due soon onto their queue.

@@ -2,7 +2,7 @@
 
 Before: ``FlaskCeleryExt(app)``, ``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND``,
 ``@celery.task(base=RequestContextTask)`` for the tasks that need a request.
-After: the lines marked "# changed"; the tasks keep ``@celery.task`` and
+After: the lines with a "changed" comment; the tasks keep ``@celery.task`` and
 every one of them gets the request context, the base class goes.
 """
 
@@ -15,16 +15,14 @@ from flask import Flask, request
 from flask_pymacaron_async import PymacaronAsync  # changed: was from flask_celeryext import FlaskCeleryExt
 
 app = Flask(__name__)
+# fmt: off
 app.config.update(
     SECRET_KEY="celeryext-secret",  # changed: the context sent to the worker is signed
-    PYMACARON_ASYNC_BROKER_URL=os.environ.get(
-        "PMA_TEST_BROKER_URL", "redis://localhost:6379/0"
-    ),  # changed: was CELERY_BROKER_URL
-    PYMACARON_ASYNC_RESULT_BACKEND=os.environ.get(
-        "PMA_TEST_BROKER_URL", "redis://localhost:6379/0"
-    ),  # changed: was CELERY_RESULT_BACKEND
+    PYMACARON_ASYNC_BROKER_URL=os.environ.get("PMA_TEST_BROKER_URL", "redis://localhost:6379/0"),  # changed: was CELERY_BROKER_URL  # noqa: E501
+    PYMACARON_ASYNC_RESULT_BACKEND=os.environ.get("PMA_TEST_BROKER_URL", "redis://localhost:6379/0"),  # changed: was CELERY_RESULT_BACKEND  # noqa: E501
     CELERY={"task_default_queue": os.environ.get("PMA_TEST_QUEUE", "celery"), "result_expires": 600},
 )
+# fmt: on
 ext = PymacaronAsync(app)  # changed: was FlaskCeleryExt(app)
 celery = ext.celery
 

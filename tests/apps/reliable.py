@@ -171,6 +171,12 @@ def whoami(run):
 
 
 @ext.task
+def who(run, n):
+    """Record ``n`` with the user and URL it ran with."""
+    client().rpush(key(run, "who"), json.dumps([n, g.get("user"), request.url]))
+
+
+@ext.task
 def fail_as_user(run):
     raise RuntimeError(f"failed for {g.get('user')}")
 

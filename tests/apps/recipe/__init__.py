@@ -3,8 +3,8 @@
 Everything else is the example's shape: an app factory reading its Celery
 settings from ``app.config["CELERY"]``, a blueprint of views, ``@shared_task``
 tasks (one with ``bind=True`` reporting progress with ``update_state``), and
-results polled with ``AsyncResult(id)``. The lines that changed are marked
-"# changed"; docs/migrating.rst shows the same diff.
+results polled with ``AsyncResult(id)``. The lines that changed carry a
+"changed" comment; docs/migrating.rst shows the same diff.
 """
 
 from __future__ import annotations

@@ -1,0 +1,287 @@
+"""Fan-out in one round trip: ``ext.batch()`` and the tasks a request holds for after the response.
+
+Real Redis (the run's, and redis-server processes of the tests' own whose
+command counters say how many round trips a batch took), the machine's
+RabbitMQ, real `celery worker` processes of tests/apps/reliable.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import redis
+
+from flask_pymacaron_async import AsyncUnavailable, signals
+from tests.apps import reliable
+from tests.faults import RedisServer, unique_queue, wait_for
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    yield server
+    server.stop()
+
+
+def _stats(client: redis.Redis) -> dict[str, int]:
+    return {name: value["calls"] for name, value in client.info("commandstats").items()}
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def _queued(server: RedisServer, queue: str) -> list[dict]:
+    return [json.loads(m) for m in server.client().lrange(queue, 0, -1)]
+
+
+@pytest.fixture
+def failed():
+    seen = []
+
+    def receiver(sender, task_id, **extra):
+        seen.append(task_id)
+
+    with signals.task_failed.connected_to(receiver):
+        yield seen
+
+
+# -- one round trip ------------------------------------------------------------
+
+
+def test_a_batch_is_one_pipeline(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    client = server.client()
+    with app.test_request_context("/fan-out"):
+        reliable.count.delay("warm-up", 0)  # connection, queue declared
+        before = _stats(client)
+        with reliable.ext.batch():
+            results = [reliable.count.delay("fan", n) for n in range(50)]
+            assert client.llen(queue) == 1  # held until the block ends
+        spent = _delta(before, _stats(client))
+    # The test's own INFO and LLEN; then one MULTI/EXEC of the 50 messages,
+    # after at most one read of the exchange's bindings (older kombu reads them per message).
+    assert spent.pop("cmdstat_info") == 1 and spent.pop("cmdstat_llen") == 1
+    assert spent.pop("cmdstat_smembers", 0) <= 1
+    assert spent == {"cmdstat_multi": 1, "cmdstat_lpush": 50, "cmdstat_exec": 1}
+    ids = [m["headers"]["id"] for m in reversed(_queued(server, queue)[:-1])]
+    assert ids == [r.id for r in results]
+
+
+def test_after_response_publishes_when_the_response_is_closed_in_one_pipeline(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="after_response")
+
+    @app.route("/notify/<int:count>", methods=["POST"])
+    def notify(count):
+        with reliable.ext.batch():  # the same batch as the request's
+            ids = [reliable.count.delay("notify", n).id for n in range(count)]
+        return {"ids": ids}
+
+    test_client = app.test_client()
+    test_client.post("/notify/1").close()  # connection, queue declared
+    before = _stats(server.client())
+    response = test_client.post("/notify/20")
+    assert server.client().llen(queue) == 1
+    response.close()
+    spent = _delta(before, _stats(server.client()))
+    assert spent.get("cmdstat_exec") == 1 and spent.get("cmdstat_lpush") == 20
+    assert {m["headers"]["id"] for m in _queued(server, queue)} >= set(response.json["ids"])
+
+
+# -- held, dropped, reported -----------------------------------------------------
+
+
+def test_a_block_that_raises_queues_nothing(server, caplog):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    with app.app_context(), caplog.at_level(logging.DEBUG, "flask_pymacaron_async"):
+        with pytest.raises(RuntimeError), reliable.ext.batch():
+            reliable.count.delay("dropped", 1)
+            reliable.count.delay("dropped", 2)
+            raise RuntimeError("the transaction failed")
+    assert server.client().llen(queue) == 0
+    assert "dropping 2 held call(s)" in caplog.text
+
+
+def test_a_block_that_raises_in_a_request_held_for_the_response_takes_its_calls_back(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="after_response")
+
+    @app.route("/partly", methods=["POST"])
+    def partly():
+        reliable.count.delay("kept", 1)
+        try:
+            with reliable.ext.batch():
+                reliable.count.delay("dropped", 2)
+                raise KeyError("no such follower")
+        except KeyError:
+            pass
+        return {"ok": True}
+
+    app.test_client().post("/partly").close()
+    assert [m["headers"]["argsrepr"] for m in _queued(server, queue)] == ["('kept', 1)"]
+
+
+def test_an_argument_that_cannot_be_sent_raises_at_the_call(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    with app.app_context(), reliable.ext.batch():
+        reliable.count.delay("fine", 1)
+        with pytest.raises(TypeError, match="object"):
+            reliable.count.delay("bad", object())
+    assert len(_queued(server, queue)) == 1
+
+
+def test_nested_batches_join_the_outer_one(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    with app.app_context(), reliable.ext.batch():
+        reliable.count.delay("outer", 1)
+        with reliable.ext.batch():
+            reliable.count.delay("inner", 2)
+        assert server.client().llen(queue) == 0
+    assert len(_queued(server, queue)) == 2
+
+
+def test_a_broker_that_died_raises_with_every_task_id_and_queues_nothing(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    with app.app_context():
+        reliable.count.delay("warm-up", 0)
+        with pytest.raises(AsyncUnavailable) as raised, reliable.ext.batch():
+            results = [reliable.count.delay("lost", n) for n in range(5)]
+            server.stop()
+    assert raised.value.task_ids == [r.id for r in results]
+    assert "5 task(s)" in str(raised.value)
+    server.start()  # its data is gone with it (no append-only file): nothing was half-sent either way
+    assert server.client().llen(queue) == 0
+
+
+def test_after_response_with_a_dead_broker_reports_each_task(server, broker_url, caplog, failed):
+    queue = unique_queue()
+    app = reliable.create_app(
+        broker=server.url, queue=queue, reports=broker_url, PYMACARON_ASYNC_PUBLISH="after_response"
+    )
+
+    @app.route("/three", methods=["POST"])
+    def three():
+        return {"ids": [reliable.count.delay("late", n).id for n in range(3)]}
+
+    test_client = app.test_client()
+    test_client.post("/three").close()
+    response = test_client.post("/three")
+    server.stop()
+    with caplog.at_level(logging.ERROR, "flask_pymacaron_async"):
+        response.close()
+    assert failed == response.json["ids"]
+    for task_id in response.json["ids"]:
+        assert f"[{task_id}] not published" in caplog.text
+
+
+def test_the_inline_fallback_runs_a_batch_in_the_caller(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_FALLBACK="inline")
+    reliable.NOTES.clear()
+    with app.test_request_context("/inline"):
+        reliable.note.delay("warm-up")
+        with reliable.ext.batch():
+            reliable.note.delay("a")
+            reliable.note.delay("b")
+            server.stop()
+    assert reliable.NOTES == ["a", "b"]
+
+
+def test_captured_tasks_sees_a_batch(captured_tasks):
+    app = reliable.create_app(broker="redis://127.0.0.1:1/0", queue=unique_queue())
+    with app.test_request_context("/captured"):
+        with reliable.ext.batch():
+            reliable.count.delay("captured", 1)
+            assert len(captured_tasks) == 0
+        assert len(captured_tasks) == 1
+        assert captured_tasks.assert_queued("count", "captured", 1)
+
+
+# -- real workers: each task once, in its own context ----------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_each_task_of_a_batch_runs_once_with_its_own_context(request, broker, broker_url, start_worker, unique):
+    url = request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else broker_url
+    queue = unique_queue()
+    app = reliable.create_app(broker=url, queue=queue, prefix=f"pma-test-batch-{unique}", reports=broker_url)
+    start_worker(
+        "tests.apps.reliable:celery",
+        "--pool=solo",
+        env={
+            "PMA_REL_BROKER_URL": url,
+            "PMA_REL_QUEUE": queue,
+            "PMA_REL_REPORT_URL": broker_url,
+            "PMA_REL_PREFIX": f"pma-test-batch-{unique}",
+        },
+        queue=queue,
+    )
+    from flask import g
+
+    # A script's batch of calls made in ten requests of ten users: one round trip, ten contexts.
+    with app.app_context(), reliable.ext.batch():
+        for n in range(10):
+            with app.test_request_context(f"/followers?page={n}"):
+                g.user = f"user-{n}"
+                reliable.who.delay(unique, n)
+    reports = redis.Redis.from_url(broker_url)
+    try:
+        key = f"pma-test-batch-{unique}:{unique}:who"
+        wait_for(lambda: reports.llen(key) >= 10, 30, what="the batch's ten tasks")
+        wait_for(lambda: True, 1)
+        seen = sorted(json.loads(item) for item in reports.lrange(key, 0, -1))
+        assert seen == [[n, f"user-{n}", f"http://localhost/followers?page={n}"] for n in range(10)]
+    finally:
+        reports.delete(f"pma-test-batch-{unique}:{unique}:who")
+        reports.close()
+
+
+def test_rabbitmq_with_publisher_confirms_waits_once_for_the_whole_batch(
+    rabbitmq_url, broker_url, start_worker, unique
+):
+    queue = unique_queue()
+    prefix = f"pma-test-batch-{unique}"
+    app = reliable.create_app(
+        broker=rabbitmq_url,
+        queue=queue,
+        prefix=prefix,
+        reports=broker_url,
+        CELERY={"task_default_queue": queue, "broker_transport_options": {"confirm_publish": True}},
+    )
+    with app.app_context():
+        reliable.count.delay(unique, 0)  # one message confirmed as py-amqp does it
+        with reliable.ext.batch():
+            for n in range(1, 31):
+                reliable.count.delay(unique, n)
+        # The batch went out on a channel of its own, in confirm mode, and its
+        # 30 messages were all acked (the pool hands back the same connection).
+        with app.extensions["celery"].producer_or_acquire() as producer:
+            confirmed = producer.connection._pma_confirmed_batch
+            assert confirmed.published == 30 and confirmed._confirmed(1)
+    start_worker(
+        "tests.apps.reliable:celery",
+        "--pool=solo",
+        env={
+            "PMA_REL_BROKER_URL": rabbitmq_url,
+            "PMA_REL_QUEUE": queue,
+            "PMA_REL_REPORT_URL": broker_url,
+            "PMA_REL_PREFIX": prefix,
+        },
+        queue=queue,
+    )
+    reports = redis.Redis.from_url(broker_url)
+    try:
+        wait_for(lambda: reports.scard(f"{prefix}:{unique}:done") == 31, 30, what="the 31 tasks")
+        wait_for(lambda: True, 0.5)
+        assert sorted(int(n) for n in reports.lrange(f"{prefix}:{unique}:runs", 0, -1)) == list(range(31))
+    finally:
+        reports.delete(f"{prefix}:{unique}:done", f"{prefix}:{unique}:runs")
+        reports.close()
