@@ -7,7 +7,7 @@ import os
 from celery import Celery, Task, shared_task, signals
 from flask import Flask
 
-from benchmarks.common import ARGS, SECRET_KEY, broker_url, queue_name, record_mark, record_ready
+from benchmarks.common import ARGS, SECRET_KEY, broker_url, enqueue_routes, queue_name, record_mark, record_ready
 
 #: Set to "1" to give raw Celery the extension's reliability defaults (acks_late, prefetch 1).
 RELIABLE_ENV = "PMA_BENCH_CELERY_RELIABLE"
@@ -49,15 +49,7 @@ def create_app() -> Flask:
     app.config.from_mapping(CELERY=settings)
     celery_init_app(app)
 
-    @app.get("/noop")
-    def view_noop():
-        return "ok"
-
-    @app.get("/queue")
-    def view_queue():
-        noop.delay(*ARGS)
-        return "ok"
-
+    enqueue_routes(app, lambda: noop.delay(*ARGS))
     return app
 
 

@@ -7,7 +7,17 @@ import os
 from celery import signals
 from flask import Flask, g
 
-from benchmarks.common import ARGS, PUBLISH_ENV, SECRET_KEY, USER_ID, broker_url, queue_name, record_mark, record_ready
+from benchmarks.common import (
+    ARGS,
+    PUBLISH_ENV,
+    SECRET_KEY,
+    USER_ID,
+    broker_url,
+    enqueue_routes,
+    queue_name,
+    record_mark,
+    record_ready,
+)
 from flask_pymacaron_async import PymacaronAsync
 
 ext = PymacaronAsync()
@@ -43,13 +53,13 @@ def create_app(publish: str | None = None) -> Flask:
     )
     ext.init_app(app)
 
-    @app.get("/noop")
-    def view_noop():
-        return "ok"
+    enqueue_routes(app, lambda: noop.delay(*ARGS))
 
-    @app.get("/queue")
-    def view_queue():
-        noop.delay(*ARGS)
+    @app.get("/batch/<int:n>")
+    def view_batch(n):
+        with ext.batch():
+            for _ in range(n):
+                noop.delay(*ARGS)
         return "ok"
 
     return app

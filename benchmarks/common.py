@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from typing import Any, Callable
 
 #: Set by run.py for its children: the benchmark's own Redis, and a queue per target.
 BROKER_ENV = "PMA_BENCH_BROKER_URL"
@@ -55,3 +56,22 @@ def record_ready(**_kwargs: object) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def enqueue_routes(app: Any, enqueue: Callable[[], Any]) -> None:
+    """``/noop``, ``/queue`` (one ``enqueue()``) and ``/fan/<n>`` (``n`` of them, one after the other)."""
+
+    @app.get("/noop")
+    def view_noop() -> str:
+        return "ok"
+
+    @app.get("/queue")
+    def view_queue() -> str:
+        enqueue()
+        return "ok"
+
+    @app.get("/fan/<int:n>")
+    def view_fan(n: int) -> str:
+        for _ in range(n):
+            enqueue()
+        return "ok"

@@ -1,7 +1,8 @@
 """The peers' endpoints: Flask-CeleryExt, RQ, Dramatiq and a bare redis-py LPUSH.
 
 Each builder returns a Flask app whose ``/queue`` enqueues one no-op call
-with :data:`~benchmarks.common.ARGS`, the way that library's docs show.
+with :data:`~benchmarks.common.ARGS`, the way that library's docs show, and
+whose ``/fan/<n>`` enqueues ``n`` of them (benchmarks/fanout.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 
 from flask import Flask
 
-from benchmarks.common import ARGS, SECRET_KEY, broker_url, queue_name
+from benchmarks.common import ARGS, SECRET_KEY, broker_url, enqueue_routes, queue_name
 
 
 def build_celeryext() -> Flask:
@@ -29,10 +30,7 @@ def build_celeryext() -> Flask:
     def noop(a, b):
         return None
 
-    @app.get("/queue")
-    def view_queue():
-        noop.delay(*ARGS)
-        return "ok"
+    enqueue_routes(app, lambda: noop.delay(*ARGS))
 
     return app
 
@@ -48,6 +46,12 @@ def build_rq() -> Flask:
     @app.get("/queue")
     def view_queue():
         queue.enqueue(rq_noop, *ARGS)
+        return "ok"
+
+    @app.get("/fan/<int:n>")
+    def view_fan(n):
+        # RQ's own batch: one pipeline for the n jobs.
+        queue.enqueue_many([Queue.prepare_data(rq_noop, ARGS) for _ in range(n)])
         return "ok"
 
     return app
@@ -75,6 +79,13 @@ def build_dramatiq() -> Flask:
         noop.send(*ARGS)
         return "ok"
 
+    @app.get("/fan/<int:n>")
+    def view_fan(n):
+        # Dramatiq has no batch enqueue for independent messages: one send each.
+        for _ in range(n):
+            noop.send(*ARGS)
+        return "ok"
+
     return app
 
 
@@ -89,6 +100,15 @@ def build_lpush() -> Flask:
     @app.get("/queue")
     def view_queue():
         client.lpush(key, json.dumps({"task": "noop", "args": ARGS}))
+        return "ok"
+
+    @app.get("/fan/<int:n>")
+    def view_fan(n):
+        # The floor: one pipeline of n LPUSH.
+        with client.pipeline(transaction=False) as pipe:
+            for _ in range(n):
+                pipe.lpush(key, json.dumps({"task": "noop", "args": ARGS}))
+            pipe.execute()
         return "ok"
 
     return app

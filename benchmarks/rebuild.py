@@ -93,7 +93,8 @@ def _celeryext_task() -> Callable[[], Any]:
     app.config.update(CELERY_BROKER_URL=broker_url(), CELERY_TASK_IGNORE_RESULT=True)
     celery = FlaskCeleryExt(app).celery
 
-    @celery.task(base=RequestContextTask)
+    # Named: run as __main__, the default name would be another app's task's.
+    @celery.task(base=RequestContextTask, name="bench.celeryext_rebuild.noop")
     def noop(a, b):
         return None
 

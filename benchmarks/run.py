@@ -71,6 +71,31 @@ TARGETS = {
     "rebuild": ("context rebuild + user load, µs per task / 25 µs", 1.0, "<="),
     "throughput": ("no-op throughput / raw Celery, prefork -c 2", 0.95, ">="),
     "start": ("worker start to first task / raw Celery", 1.2, "<="),
+    "fan_batch": ("`ext.batch()` per task at N=50 / one pipeline of N LPUSH", 3.0, "<="),
+    "fan_after_response": ("after_response per task at N=50 / one pipeline of N LPUSH", 3.0, "<="),
+    "fan_one": ("one immediate enqueue (fan-out N=1) / raw Celery", 1.1, "<="),
+    "message_bytes": ("message size / raw Celery's, same call", 1.3, "<="),
+}
+FANOUT_TARGETS = (
+    "ext_immediate",
+    "ext_after_response",
+    "ext_batch",
+    "celery",
+    "celeryext",
+    "rq",
+    "dramatiq",
+    "pipeline",
+)
+FANOUT_LABELS = {
+    **LABELS,
+    "ext_immediate": "flask-pymacaron-async, immediate (N `.delay()`)",
+    "ext_after_response": "flask-pymacaron-async, after_response",
+    "ext_batch": "flask-pymacaron-async, `with ext.batch():`",
+    "rq": "RQ (`enqueue_many`: one pipeline)",
+    "dramatiq": "Dramatiq (N `.send()`)",
+    "celeryext": "Flask-CeleryExt (N `.delay()`)",
+    "celery": "raw Celery (N `.delay()`)",
+    "pipeline": "one redis-py pipeline of N LPUSH (floor)",
 }
 
 
@@ -187,6 +212,38 @@ def _short(result: dict[str, Any]) -> str:
     if "error" in result:
         return "n/a (" + result["error"].splitlines()[-1][:200] + ")"
     return f"overhead {result['overhead_us']:.0f} µs, before response {result['pre_response_overhead_us']:.0f} µs"
+
+
+# -- 2b. fan-out ------------------------------------------------------------------
+
+
+def bench_fanout(server: RedisServer, rounds: int) -> dict[str, Any]:
+    per_target: dict[str, list[dict[str, Any]]] = {t: [] for t in FANOUT_TARGETS}
+    for round_no in range(rounds):
+        shift = round_no % len(FANOUT_TARGETS)
+        for target in FANOUT_TARGETS[shift:] + FANOUT_TARGETS[:shift]:
+            server.client.flushdb()
+            result = _child("benchmarks.fanout", target, env=_env(server, f"bench_fan_{target}"))
+            per_target[target].append(result)
+            shown = (
+                "n/a" if "error" in result else ", ".join(f"N={n}: {v:.0f}" for n, v in result["per_task_us"].items())
+            )
+            _progress(f"fan-out round {round_no + 1}/{rounds} {target}: µs per task {shown}")
+    summary: dict[str, Any] = {}
+    for target, runs in per_target.items():
+        good = [r for r in runs if "error" not in r]
+        if not good:
+            summary[target] = {"error": runs[0].get("error", "no result")}
+            continue
+        sizes = good[0]["per_task_us"].keys()
+        summary[target] = {
+            "per_task_us": {n: statistics.median(r["per_task_us"][n] for r in good) for n in sizes},
+            "redis_commands_per_request": good[0]["redis_commands_per_request"],
+            "rounds": [r["per_task_us"] for r in good],
+        }
+        if "message_bytes" in good[0]:
+            summary[target]["message_bytes"] = good[0]["message_bytes"]
+    return summary
 
 
 # -- 3. worker processes --------------------------------------------------------------
@@ -351,6 +408,27 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
         "throughput": _paired(workers, "runs", ("ext", "throughput_per_s"), ("celery", "throughput_per_s")),
         "start": _paired(workers, "runs", ("ext", "start_to_first_task_s"), ("celery", "start_to_first_task_s")),
     }
+    fanout = results.get("fanout") or {}
+
+    def fan(target: str, n: str) -> float | None:
+        value = fanout.get(target, {}).get("per_task_us", {}).get(n)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def fan_rounds(top: str, bottom: str, n: str) -> list[float]:
+        tops, bottoms = (fanout.get(t, {}).get("rounds", []) for t in (top, bottom))
+        if len(tops) != len(bottoms):
+            return []
+        return [round(a[n] / b[n], 3) for a, b in zip(tops, bottoms) if b[n]]
+
+    values["fan_batch"] = ratio(fan("ext_batch", "50"), fan("pipeline", "50"))
+    values["fan_after_response"] = ratio(fan("ext_after_response", "50"), fan("pipeline", "50"))
+    values["fan_one"] = ratio(fan("ext_immediate", "1"), fan("celery", "1"))
+    values["message_bytes"] = ratio(
+        fanout.get("ext_immediate", {}).get("message_bytes"), fanout.get("celery", {}).get("message_bytes")
+    )
+    paired["fan_batch"] = fan_rounds("ext_batch", "pipeline", "50")
+    paired["fan_after_response"] = fan_rounds("ext_after_response", "pipeline", "50")
+    paired["fan_one"] = fan_rounds("ext_immediate", "celery", "1")
     verdicts = {}
     for name, (text, limit, sense) in TARGETS.items():
         value = values[name]
@@ -383,7 +461,7 @@ def _fmt(value: Any, digits: int = 0) -> str:
 def tables(results: dict[str, Any]) -> str:
     """The results as Markdown tables (the parts that ran), as pasted into benchmarks/README.md."""
     lines: list[str] = []
-    for part in (_endpoint_table, _rebuild_table, _workers_table, _targets_table, _profile_table):
+    for part in (_endpoint_table, _fanout_table, _rebuild_table, _workers_table, _targets_table, _profile_table):
         section = part(results)
         if section:
             lines += [*section, ""]
@@ -411,6 +489,42 @@ def _endpoint_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {LABELS[target]} | {_fmt(row['noop_us'])} | {_fmt(row['queue_us'])} | {_fmt(row['overhead_us'])} "
             f"| {_fmt(row['pre_response_overhead_us'])} | {vs} | {_fmt(row['knock_on_us'])} |"
+        )
+    return lines
+
+
+def _fanout_table(results: dict[str, Any]) -> list[str]:
+    fanout = results.get("fanout")
+    if not fanout:
+        return []
+    sizes = ("1", "10", "50", "200")
+    floor = fanout.get("pipeline", {}).get("per_task_us", {})
+    celery_bytes = fanout.get("celery", {}).get("message_bytes")
+    lines = [
+        f"Fan-out: µs per task when one request queues N tasks (Flask test client, responses closed; "
+        f"median of {results['args']['fanout_rounds']} rounds; (`/fan/N` − `/noop`) / N):",
+        "",
+        "| target | "
+        + " | ".join(f"N={n}" for n in sizes)
+        + " | N=50 vs floor | Redis commands, N=50 | message bytes |",
+        "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |",
+    ]
+    for target in FANOUT_TARGETS:
+        row = fanout.get(target, {})
+        if "error" in row:
+            lines.append(
+                f"| {FANOUT_LABELS[target]} | " + " | ".join("n/a" for _ in sizes) + f" | n/a: {_reason(row)} | | |"
+            )
+            continue
+        per = row["per_task_us"]
+        vs = f"{per['50'] / floor['50']:.1f}x" if floor.get("50") else "n/a"
+        size = row.get("message_bytes")
+        size_text = f"{size:,} ({size / celery_bytes:.2f}x)" if size and celery_bytes else "n/a"
+        commands = row.get("redis_commands_per_request", {}).get("50")
+        lines.append(
+            f"| {FANOUT_LABELS[target]} | "
+            + " | ".join(_fmt(per.get(n)) for n in sizes)
+            + f" | {vs} | {_fmt(commands)} | {size_text} |"
         )
     return lines
 
@@ -513,10 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per endpoint per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of endpoint measurements (default 5)")
+    parser.add_argument("--fanout-rounds", type=int, default=3, help="rounds of fan-out measurements (default 3)")
     parser.add_argument("--tasks", type=int, default=5000, help="no-op tasks per worker run (default 5000)")
     parser.add_argument("--worker-runs", type=int, default=5, help="runs per worker target (default 5)")
     parser.add_argument(
-        "--only", default="endpoint,rebuild,workers,profile", help="comma-separated parts to run (default: all)"
+        "--only", default="endpoint,fanout,rebuild,workers,profile", help="comma-separated parts to run (default: all)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -529,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {
                 "requests": args.requests,
                 "rounds": args.rounds,
+                "fanout_rounds": args.fanout_rounds,
                 "tasks": args.tasks,
                 "worker_runs": args.worker_runs,
             },
@@ -537,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("endpoint", lambda: bench_endpoints(server, args.requests, args.rounds)),
+            ("fanout", lambda: bench_fanout(server, args.fanout_rounds)),
             ("rebuild", lambda: _child("benchmarks.rebuild", env=_env(server, "bench_rebuild"))),
             ("workers", lambda: bench_workers(server, args.tasks, args.worker_runs)),
             ("profile", lambda: _child("benchmarks.profile_enqueue", env=_env(server, "bench_profile"))),

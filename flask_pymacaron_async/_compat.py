@@ -164,6 +164,10 @@ class KombuRedisChannel(kombu_redis.Channel):
 
     # kombu's private state, read and written under public names.
 
+    def pma_delivery_tag(self) -> str:
+        """A new delivery tag, as kombu gives each message it publishes."""
+        return str(self._next_delivery_tag())
+
     def queue_key(self, queue: str, priority: Any) -> str:
         """The Redis list of ``queue`` for ``priority``."""
         return self._q_for_pri(queue, priority)  # type: ignore[no-any-return]
@@ -322,3 +326,29 @@ class ConfirmedBatch:
         except Exception:  # the connection is gone already
             pass
         self.connection._pma_confirmed_batch = None
+
+
+# -- Celery's task message ------------------------------------------------------------
+
+
+def task_reprs(amqp: Any, args: Any, kwargs: Any) -> tuple[str, str]:
+    """The ``argsrepr`` and ``kwargsrepr`` headers Celery's ``as_task_v2`` writes for these arguments.
+
+    Celery 5.3 added ``task_repr_maxlevels``; 5.1 and 5.2 use the default depth.
+    """
+    from celery.utils.saferepr import saferepr
+
+    levels = getattr(amqp.app.conf, "task_repr_maxlevels", None)
+    if levels is None:
+        return saferepr(args, amqp.argsrepr_maxsize), saferepr(kwargs, amqp.kwargsrepr_maxsize)
+    return (
+        saferepr(args, amqp.argsrepr_maxsize, maxlevels=levels),
+        saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels=levels),
+    )
+
+
+def publish_signals_connected() -> bool:
+    """Whether anything listens to Celery's ``before_task_publish`` or ``after_task_publish``."""
+    from celery import signals as celery_signals
+
+    return bool(celery_signals.before_task_publish.receivers or celery_signals.after_task_publish.receivers)

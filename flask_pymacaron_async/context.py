@@ -111,8 +111,12 @@ class ContextSigner:
 
     @staticmethod
     def payload(snapshot: dict[str, Any]) -> str:
-        """The snapshot as the JSON text a token carries, stamped with the signing time."""
-        return json.dumps({**snapshot, "ts": int(time.time())}, separators=(",", ":"))
+        """The snapshot as the JSON text a token carries, stamped with the signing time.
+
+        Environ values that are the usual ones, and the request id written
+        twice, are left out (:func:`_expand` puts them back when it is read).
+        """
+        return json.dumps({**_compact(snapshot), "ts": int(time.time())}, separators=(",", ":"))
 
     def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
         """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``."""
@@ -205,7 +209,61 @@ def _load(payload: str) -> dict[str, Any]:
         raise ContextError(f"the context snapshot is not JSON: {exc}") from None
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("env"), (dict, type(None))):
         raise ContextError("the context snapshot is not a snapshot")
-    return snapshot
+    return _expand(snapshot)
+
+
+# The WSGI values a payload leaves out when they are these: every message of a
+# plain GET over HTTP/1.1 carried ~200 bytes of them.
+_USUAL = {
+    "REQUEST_METHOD": "GET",
+    "SCRIPT_NAME": "",
+    "QUERY_STRING": "",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "wsgi.url_scheme": "http",
+}
+_MISSING = object()
+
+
+def _host_name(host: Any) -> str | None:
+    """The name part of a ``Host`` header (``[::1]:8080`` -> ``[::1]``)."""
+    if not isinstance(host, str):
+        return None
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
+def _default_port(env: dict[str, Any]) -> str:
+    return "443" if env.get("wsgi.url_scheme", "http") == "https" else "80"
+
+
+def _compact(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """``snapshot`` without what :func:`_expand` can put back exactly."""
+    env = snapshot.get("env")
+    if not env:
+        return snapshot
+    short = {k: v for k, v in env.items() if _USUAL.get(k, _MISSING) != v}
+    if "SERVER_NAME" in short and short["SERVER_NAME"] == _host_name(env.get("HTTP_HOST")):
+        del short["SERVER_NAME"]
+    if short.get("SERVER_PORT") == _default_port(env):
+        del short["SERVER_PORT"]
+    compact = {**snapshot, "env": short}
+    if "rid" in compact and compact["rid"] == env.get(_REQUEST_ID):
+        del compact["rid"]
+    return compact
+
+
+def _expand(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot as taken, from its payload (compact or, from older senders, whole)."""
+    env = snapshot.get("env")
+    if not env:
+        return snapshot
+    full = {**_USUAL, **env}
+    full.setdefault("SERVER_PORT", _default_port(full))
+    full.setdefault("SERVER_NAME", _host_name(full.get("HTTP_HOST")) or "localhost")
+    expanded = {**snapshot, "env": full}
+    expanded.setdefault("rid", full.get(_REQUEST_ID))
+    return expanded
 
 
 class Unsigned(str):

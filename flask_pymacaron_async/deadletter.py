@@ -586,16 +586,9 @@ def counts(celery: Celery, queues: Iterable[str]) -> dict[str, int]:
     with celery.connection_for_read() as connection:
         connection.ensure_connection(max_retries=0)
         if _is_amqp(connection):
-            from kombu.exceptions import ChannelError
-
-            for queue in queues:
-                channel = connection.channel()
-                try:
-                    found[queue] = channel.queue_declare(queue=queue + SUFFIX, passive=True).message_count
-                except ChannelError:
-                    found[queue] = 0
-                finally:
-                    _close(channel)
+            found.update(
+                _per_amqp_queue(connection, queues, lambda ch, q: ch.queue_declare(queue=q, passive=True).message_count)
+            )
         else:
             channel = connection.default_channel
             client = _plain(channel)
@@ -666,22 +659,29 @@ def purge(celery: Celery, queues: Iterable[str]) -> dict[str, int]:
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=0)
         if _is_amqp(connection):
-            from kombu.exceptions import ChannelError
-
-            for queue in queues:
-                channel = connection.channel()
-                try:
-                    purged[queue] = channel.queue_purge(queue + SUFFIX) or 0
-                except ChannelError:
-                    purged[queue] = 0
-                finally:
-                    _close(channel)
+            purged.update(_per_amqp_queue(connection, queues, lambda ch, q: ch.queue_purge(q) or 0))
         else:
             channel = connection.default_channel
             client = _plain(channel)
             for queue in queues:
                 purged[queue] = _redis_purge(client, _prefix(channel), queue)
     return purged
+
+
+def _per_amqp_queue(connection: Any, queues: Iterable[str], op: Callable[[Any, str], int]) -> dict[str, int]:
+    """``op(channel, dead-letter queue)`` for each of ``queues``, on a channel each; 0 where it does not exist."""
+    from kombu.exceptions import ChannelError
+
+    found: dict[str, int] = {}
+    for queue in queues:
+        channel = connection.channel()
+        try:
+            found[queue] = op(channel, queue + SUFFIX)
+        except ChannelError:  # never declared: the broker closed the channel
+            found[queue] = 0
+        finally:
+            _close(channel)
+    return found
 
 
 def _close(channel: Any) -> None:

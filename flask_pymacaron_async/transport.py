@@ -275,6 +275,48 @@ class Channel(KombuRedisChannel):
             table = self._pma_tables[exchange] = super().get_table(exchange)
         return table
 
+    def pma_mark(self) -> int:
+        """Where the next command of the :meth:`pma_collecting` block will go (see :meth:`pma_template`)."""
+        return len(self._pma_collected or ())
+
+    def pma_template(self, mark: int) -> tuple[list[str], dict[str, Any]] | None:
+        """The message published since ``mark`` and the lists it went to, when it can serve as a template.
+
+        Only a message pushed at once (no delayed set) and base64-encoded, as
+        this transport encodes bodies, can: :meth:`pma_put_like` then sends
+        copies of it with another body and headers.
+        """
+        collected = self._pma_collected
+        if not collected or mark >= len(collected):
+            return None
+        entries = collected[mark:]
+        if any(name != "lpush" for name, _args in entries) or len({args[1] for _name, args in entries}) != 1:
+            return None
+        message = loads(entries[0][1][1])
+        if message.get("properties", {}).get("body_encoding") != "base64":
+            return None
+        return [args[0] for _name, args in entries], message
+
+    def pma_put_like(
+        self, template: tuple[list[str], dict[str, Any]], body: bytes, headers: dict[str, Any], correlation_id: str
+    ) -> None:
+        """Collect a copy of ``template``'s message with this body and headers, to the same lists.
+
+        Everything else is the template's, except what kombu makes anew per
+        message: the delivery tag.
+        """
+        keys, message = template
+        properties = {
+            **message["properties"],
+            "correlation_id": correlation_id,
+            "delivery_tag": self.pma_delivery_tag(),
+        }
+        data = dumps(
+            {**message, "body": base64.b64encode(body).decode("ascii"), "headers": headers, "properties": properties}
+        )
+        assert self._pma_collected is not None
+        self._pma_collected.extend(("lpush", (key, data)) for key in keys)
+
     @contextlib.contextmanager
     def pma_collecting(self) -> Iterator[None]:
         """Hold what this channel publishes in the block, then send it all in one round trip.

@@ -92,6 +92,47 @@ def test_after_response_publishes_when_the_response_is_closed_in_one_pipeline(se
     assert {m["headers"]["id"] for m in _queued(server, queue)} >= set(response.json["ids"])
 
 
+@pytest.mark.parametrize("where", ["request", "script"])
+def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
+    """The second call of a task in a batch copies the first one's message: the same as Celery's own, byte for byte."""
+    from flask import g
+
+    from flask_pymacaron_async.task import ContextTask
+
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="immediate")
+    through_celery = []
+    original = ContextTask.celery_apply_async
+
+    def counted(self, *args, **kwargs):
+        through_celery.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContextTask, "celery_apply_async", counted)
+    call = ("copy", {"n": [2, 3], "when": "2026-12-02T10:00:00", "name": "zoë"})
+    scope = (
+        app.test_request_context("/copies?x=1", headers={"User-Agent": "copies"})
+        if where == "request"
+        else app.app_context()
+    )
+    with scope:
+        g.user = "ada"
+        with reliable.ext.batch():
+            reliable.count.delay("copy", 1)
+            reliable.who.delay("copy", 1)
+            copied = reliable.count.apply_async(call, task_id="the-same-id")
+            reliable.count.apply_async(call, countdown=1)  # another shape: through Celery
+        assert through_celery == [reliable.count.name, reliable.who.name, reliable.count.name]
+        reliable.count.apply_async(call, task_id="the-same-id")  # the same call, immediate: through Celery
+    messages = list(reversed(_queued(server, queue)))  # LPUSH: newest first
+    reference = messages[-1]
+    (copy,) = [m for m in messages[:-1] if m["headers"]["id"] == copied.id]
+    for message in (copy, reference):
+        message["properties"].pop("delivery_tag")
+    assert copy == reference
+    assert len(messages) == 5
+
+
 # -- held, dropped, reported -----------------------------------------------------
 
 

@@ -118,3 +118,76 @@ def test_flask_login_current_user_without_hooks(login_worker, reports, unique):
     assert reports.one(unique) == {"authenticated": True, "id": "user-77", "cls": "User"}
     app.test_client().get(f"/whoami?key={unique}-anon")
     assert reports.one(f"{unique}-anon")["authenticated"] is False
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # The usual values: left out of the payload, put back when it is read.
+        {
+            "REQUEST_METHOD": "GET",
+            "SCRIPT_NAME": "",
+            "PATH_INFO": "/a",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "localhost",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_HOST": "localhost",
+            "wsgi.url_scheme": "http",
+            "HTTP_X_REQUEST_ID": "r-1",
+        },
+        # Nothing usual: all kept.
+        {
+            "REQUEST_METHOD": "POST",
+            "SCRIPT_NAME": "/shop",
+            "PATH_INFO": "/a",
+            "QUERY_STRING": "x=1",
+            "SERVER_NAME": "internal",
+            "SERVER_PORT": "8443",
+            "SERVER_PROTOCOL": "HTTP/2",
+            "REMOTE_ADDR": "::1",
+            "HTTP_HOST": "[::1]:8443",
+            "wsgi.url_scheme": "https",
+            "HTTP_X_REQUEST_ID": "r-2",
+        },
+        # https on its default port, an IPv6 host named in the Host header.
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/",
+            "SERVER_NAME": "[::1]",
+            "SERVER_PORT": "443",
+            "HTTP_HOST": "[::1]",
+            "wsgi.url_scheme": "https",
+            "HTTP_X_REQUEST_ID": "r-3",
+        },
+    ],
+    ids=["usual", "unusual", "https-ipv6"],
+)
+def test_a_snapshot_travels_compact_and_is_read_back_whole(env):
+    from flask_pymacaron_async.context import ContextSigner
+
+    signer = ContextSigner("k")
+    snapshot = {"app": "a", "rid": env["HTTP_X_REQUEST_ID"], "user": 7, "env": env}
+    payload = ContextSigner.payload(snapshot)
+    token = signer.sign(payload, "t", "id-1", b"body")
+    read = signer.verify(token, "t", "id-1", b"body")
+    read.pop("ts")
+    assert read["env"] == {**read["env"], **env} and read["rid"] == env["HTTP_X_REQUEST_ID"]
+    # What the worker rebuilds the request from: the same URL, method, scheme.
+    from werkzeug.wsgi import get_current_url
+
+    assert get_current_url(read["env"]) == get_current_url(env)
+    assert read["env"]["REQUEST_METHOD"] == env["REQUEST_METHOD"]
+    if env["HTTP_X_REQUEST_ID"] == "r-1":
+        assert "SERVER_PROTOCOL" not in payload and "rid" not in json.loads(payload)
+        assert len(payload) < len(json.dumps(snapshot, separators=(",", ":"))) - 150
+
+
+def test_a_whole_snapshot_from_an_older_sender_is_read_as_before():
+    from flask_pymacaron_async.context import ContextSigner
+
+    env = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/x", "SERVER_NAME": "h", "SERVER_PORT": "81", "HTTP_HOST": "h:81"}
+    payload = json.dumps({"app": "a", "rid": "old", "user": None, "env": env, "ts": 1})
+    read = ContextSigner.decode(f"{payload}.sig")
+    assert read["rid"] == "old" and {k: read["env"][k] for k in env} == env
