@@ -55,7 +55,7 @@ demo: $(MODERN)/.installed
 	$(MODERN)/bin/python examples/run_demo.py
 
 bench: $(MODERN)/.installed
-	$(MODERN)/bin/pip install -q flask-celeryext rq dramatiq
+	$(MODERN)/bin/pip install -q flask-celeryext rq "dramatiq[redis]" huey
 	$(MODERN)/bin/python benchmarks/run.py
 
 clean:

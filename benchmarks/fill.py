@@ -2,7 +2,8 @@
 
 Queues ``mark(START_KEY)``, COUNT no-op calls, then ``mark(END_KEY)``, from inside a
 request (so this extension's worker rebuilds a request context, as it would
-in production), and prints the names of the Redis lists written.
+in production), and prints the names of the Redis keys written. TARGET is
+``ext``, ``celery``, ``dramatiq`` or ``huey``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,21 @@ from benchmarks.common import ARGS, HEADERS, broker_url
 
 
 def fill(target: str, count: int, start_key: str, end_key: str) -> list[str]:
+    if target in ("dramatiq", "huey"):
+        from benchmarks import app_peers_workers as peers
+
+        mark, noop = (
+            (peers.dramatiq_mark.send, peers.dramatiq_noop.send)
+            if target == "dramatiq"
+            else (peers.huey_mark, peers.huey_noop)
+        )
+        mark(start_key)
+        for _ in range(count):
+            noop(*ARGS)
+        mark(end_key)
+        client = redis.Redis.from_url(broker_url())
+        # Their queues and message stores (Dramatiq keeps the bodies in a hash).
+        return sorted(k.decode() for k in client.scan_iter())
     if target == "ext":
         from benchmarks.app_ext import app, mark, noop
     else:

@@ -69,6 +69,14 @@ def measure() -> dict[str, Any]:
         # What the consumer does in the worker's main process, per message.
         state.signer.verify(token, task.name, "task-id", BODY, max_age=state.settings.context_max_age)
 
+    environ = dict(snapshot["env"], **{"wsgi.input": None, "wsgi.errors": None})
+
+    def flask_floor() -> None:
+        # Flask's own cost of what the worker needs: push and pop a request
+        # context (and its app context) for a ready environ, nothing else.
+        with app.request_context(environ):
+            pass
+
     def test_request_context() -> None:
         with app.test_request_context(URL, headers=HEADERS):
             load_user(USER_ID)
@@ -77,6 +85,7 @@ def measure() -> dict[str, Any]:
     results["ext_full_us"] = _per_call(ext_full)
     results["ext_verify_us"] = _per_call(ext_verify)
     results["test_request_context_us"] = _per_call(test_request_context)
+    results["flask_request_context_us"] = _per_call(flask_floor)
     try:
         results["celeryext_request_task_us"] = _per_call(_celeryext_task())
     except ModuleNotFoundError as exc:

@@ -48,16 +48,41 @@ LABELS = {
     "dramatiq": "Dramatiq",
     "lpush": "one redis-py LPUSH (floor)",
 }
-#: Worker targets: (Celery app, which fill to use, extra environment).
-WORKER_TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "ext": ("benchmarks.app_ext:celery", "ext", {}),
-    "celery": ("benchmarks.app_celery:celery", "celery", {}),
-    "celery_reliable": ("benchmarks.app_celery:celery", "celery", {"PMA_BENCH_CELERY_RELIABLE": "1"}),
+#: Worker targets: (command after the Python interpreter, which fill to use, extra environment).
+_CELERY = ("-m", "celery", "-A")
+_CELERY_FLAGS = ("--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=WARNING")
+_PREFORK = ("--pool=prefork", "-c", "2")
+_THREADS = ("--pool=threads", "-c", "2")
+WORKER_TARGETS: dict[str, tuple[tuple[str, ...], str, dict[str, str]]] = {
+    "ext": ((*_CELERY, "benchmarks.app_ext:celery", "worker", *_PREFORK), "ext", {}),
+    "celery": ((*_CELERY, "benchmarks.app_celery:celery", "worker", *_PREFORK), "celery", {}),
+    "celery_reliable": (
+        (*_CELERY, "benchmarks.app_celery:celery", "worker", *_PREFORK),
+        "celery",
+        {"PMA_BENCH_CELERY_RELIABLE": "1"},
+    ),
+    "ext_threads": ((*_CELERY, "benchmarks.app_ext:celery", "worker", *_THREADS), "ext", {}),
+    "celery_threads": ((*_CELERY, "benchmarks.app_celery:celery", "worker", *_THREADS), "celery", {}),
+    # The peers' own workers, two processes of one thread each, like prefork -c 2.
+    "dramatiq": (
+        ("-m", "dramatiq", "benchmarks.app_peers_workers", "--processes", "2", "--threads", "1"),
+        "dramatiq",
+        {},
+    ),
+    "huey": (
+        ("-m", "huey.bin.huey_consumer", "benchmarks.app_peers_workers.huey", "-w", "2", "-k", "process", "-q"),
+        "huey",
+        {},
+    ),
 }
 WORKER_LABELS = {
-    "ext": "flask-pymacaron-async",
-    "celery": "raw Celery (Flask docs recipe, Celery defaults)",
-    "celery_reliable": "raw Celery + acks_late, prefetch 1 (this extension's defaults)",
+    "ext": "flask-pymacaron-async, prefork -c 2",
+    "celery": "raw Celery (Flask docs recipe, Celery defaults), prefork -c 2",
+    "celery_reliable": "raw Celery + acks_late, prefetch 1 (this extension's defaults), prefork -c 2",
+    "ext_threads": "flask-pymacaron-async, `--pool=threads -c 2`",
+    "celery_threads": "raw Celery (Flask docs recipe), `--pool=threads -c 2`",
+    "dramatiq": "Dramatiq worker, 2 processes x 1 thread",
+    "huey": "Huey consumer, 2 worker processes",
 }
 START_KEY = "bench:mark:start"
 END_KEY = "bench:mark:end"
@@ -69,7 +94,8 @@ TARGETS = {
     "immediate": ("immediate-mode overhead / raw Celery `.delay()` overhead", 1.1, "<="),
     "after_response": ("after_response pre-response overhead / one LPUSH", 0.3, "<="),
     "rebuild": ("context rebuild + user load, µs per task / 25 µs", 1.0, "<="),
-    "throughput": ("no-op throughput / raw Celery, prefork -c 2", 0.95, ">="),
+    "throughput": ("no-op throughput / raw Celery, prefork -c 2", 1.0, ">="),
+    "throughput_threads": ("no-op throughput / raw Celery, `--pool=threads -c 2`", 1.0, ">="),
     "start": ("worker start to first task / raw Celery", 1.2, "<="),
     "fan_batch": ("`ext.batch()` per task at N=50 / one pipeline of N LPUSH", 3.0, "<="),
     "fan_after_response": ("after_response per task at N=50 / one pipeline of N LPUSH", 3.0, "<="),
@@ -251,21 +277,27 @@ def bench_fanout(server: RedisServer, rounds: int) -> dict[str, Any]:
 
 def bench_workers(server: RedisServer, tasks: int, runs: int) -> dict[str, Any]:
     dumps: dict[str, dict[str, bytes]] = {}
-    for fill in ("ext", "celery"):
+    for fill in ("ext", "celery", "dramatiq", "huey"):
         server.client.flushdb()
         keys = _child("benchmarks.fill", fill, str(tasks), START_KEY, END_KEY, env=_env(server, f"bench_worker_{fill}"))
         if isinstance(keys, dict):
+            if fill in ("dramatiq", "huey"):  # a peer not installed: its rows show n/a
+                _progress(f"no {fill} fill: {keys['error'][-300:]}")
+                continue
             raise SystemExit(f"could not fill the {fill} queue: {keys['error']}")
         dumps[fill] = {key: server.client.dump(key) for key in keys}
-        _progress(f"filled {fill}: {tasks} tasks in {', '.join(keys)} ({server.client.llen(keys[0])} messages)")
+        _progress(f"filled {fill}: {tasks} tasks in {', '.join(keys)}")
     measured: dict[str, list[dict[str, float]]] = {t: [] for t in WORKER_TARGETS}
     for run_no in range(runs):
         targets = list(WORKER_TARGETS)
         if run_no % 2:
             targets.reverse()
         for target in targets:
-            app, fill, extra = WORKER_TARGETS[target]
-            result = _worker_run(server, app, dumps[fill], f"bench_worker_{fill}", tasks, extra)
+            command, fill, extra = WORKER_TARGETS[target]
+            if fill not in dumps:
+                measured[target].append({"error": f"{fill} not installed: pip install 'dramatiq[redis]' huey"})
+                continue
+            result = _worker_run(server, command, dumps[fill], f"bench_worker_{fill}", tasks, extra)
             measured[target].append(result)
             _progress(f"worker run {run_no + 1}/{runs} {target}: {result}")
     server.client.flushdb()
@@ -284,32 +316,18 @@ def bench_workers(server: RedisServer, tasks: int, runs: int) -> dict[str, Any]:
 
 
 def _worker_run(
-    server: RedisServer, app: str, dump: dict[str, bytes], queue: str, tasks: int, extra: dict[str, str]
+    server: RedisServer, command: tuple[str, ...], dump: dict[str, bytes], queue: str, tasks: int, extra: dict[str, str]
 ) -> dict[str, Any]:
     client = server.client
     client.flushdb()
     for key, value in dump.items():
         client.restore(key, 0, value, replace=True)
     log = tempfile.TemporaryFile()
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        app,
-        "worker",
-        "--pool=prefork",
-        "-c",
-        "2",
-        "-Q",
-        queue,
-        "-n",
-        f"bench-{os.getpid()}-{time.monotonic_ns()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "--loglevel=WARNING",
-    ]
+    args = [sys.executable, *command]
+    if command[:2] == ("-m", "celery"):
+        args += ["-Q", queue, "-n", f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", *_CELERY_FLAGS]
+    elif command[:2] == ("-m", "dramatiq"):
+        args += ["--queues", queue]
     started = time.time()
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(server, queue, **extra), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -397,6 +415,9 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
         ),
         "rebuild": ratio(rebuild.get("ext_pushed_us"), 25.0),
         "throughput": ratio(get(workers, "ext", "throughput_per_s"), get(workers, "celery", "throughput_per_s")),
+        "throughput_threads": ratio(
+            get(workers, "ext_threads", "throughput_per_s"), get(workers, "celery_threads", "throughput_per_s")
+        ),
         "start": ratio(get(workers, "ext", "start_to_first_task_s"), get(workers, "celery", "start_to_first_task_s")),
     }
     # The same ratio within each round (endpoint) or run (workers): how much it moves.
@@ -406,6 +427,9 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             endpoint, "rounds", ("ext_after_response", "pre_response_overhead_us"), ("lpush", "overhead_us")
         ),
         "throughput": _paired(workers, "runs", ("ext", "throughput_per_s"), ("celery", "throughput_per_s")),
+        "throughput_threads": _paired(
+            workers, "runs", ("ext_threads", "throughput_per_s"), ("celery_threads", "throughput_per_s")
+        ),
         "start": _paired(workers, "runs", ("ext", "start_to_first_task_s"), ("celery", "start_to_first_task_s")),
     }
     fanout = results.get("fanout") or {}
@@ -544,6 +568,8 @@ def _rebuild_table(results: dict[str, Any]) -> list[str]:
         "| this extension: whole `__call__` path (signature check, `pushed`, signals) "
         f"| {_fmt(rebuild.get('ext_full_us'), 1)} |",
         f"| `app.test_request_context()` + the same user loader | {_fmt(rebuild.get('test_request_context_us'), 1)} |",
+        f"| Flask alone: `app.request_context(environ)` push + pop, no user "
+        f"| {_fmt(rebuild.get('flask_request_context_us'), 1)} |",
         f"| Flask-CeleryExt `RequestContextTask` call | {_fmt(rebuild.get('celeryext_request_task_us'), 1)} |",
     ]
 
@@ -553,8 +579,8 @@ def _workers_table(results: dict[str, Any]) -> list[str]:
     if not workers:
         return []
     lines = [
-        f"Worker processes (`celery worker --pool=prefork -c 2`, {workers.get('tasks', 0):,} no-op tasks "
-        f"pre-queued, median of {results['args']['worker_runs']} runs):",
+        f"Worker processes ({workers.get('tasks', 0):,} no-op tasks pre-queued, two at a time, "
+        f"median of {results['args']['worker_runs']} runs):",
         "",
         "| worker | start to ready s | start to first task s | no-op tasks/s | CPU µs per task: main | pool |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

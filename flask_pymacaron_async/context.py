@@ -21,13 +21,12 @@ import hmac
 import json
 import sys
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from flask import g, has_app_context, has_request_context, request
 from flask.sessions import SecureCookieSession
 
-from . import _compat
+from . import _compat, tracing
 from .errors import ContextError
 
 if TYPE_CHECKING:
@@ -347,7 +346,7 @@ def _snapshot(state: Owner, environ: dict[str, Any] | None) -> dict[str, Any]:
         for key in state.header_keys:
             if key in environ:
                 env[key] = environ[key]
-        request_id = environ.get(_REQUEST_ID) or uuid.uuid4().hex
+        request_id = tracing.request_id_of(environ)
         env[_REQUEST_ID] = request_id
     return {
         "app": state.import_name,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from typing import Any, Iterator
 
 from flask import has_request_context, request
@@ -30,6 +31,17 @@ from flask import has_request_context, request
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 _REQUEST_ID = "HTTP_X_REQUEST_ID"
+# A request without an X-Request-Id gets an id on first use, kept here: the
+# endpoint's log lines and its tasks' (which see it as X-Request-Id) share it.
+_GENERATED_ID = "pymacaron_async.request_id"
+
+
+def request_id_of(environ: dict[str, Any]) -> str:
+    """The id of the request of ``environ``: its ``X-Request-Id``, else one made for it (the same each time)."""
+    found = environ.get(_REQUEST_ID) or environ.get(_GENERATED_ID)
+    if not found:
+        found = environ[_GENERATED_ID] = uuid.uuid4().hex
+    return str(found)
 
 
 def _opentelemetry() -> Any:
@@ -83,7 +95,7 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = task_id = None
         if has_request_context():
-            request_id = request.environ.get(_REQUEST_ID)
+            request_id = request_id_of(request.environ)
         from celery import current_task
 
         if current_task and not current_task.request.called_directly:

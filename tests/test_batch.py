@@ -120,17 +120,20 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
         with reliable.ext.batch():
             reliable.count.delay("copy", 1)
             reliable.who.delay("copy", 1)
-            copied = reliable.count.apply_async(call, task_id="the-same-id")
+            reliable.count.apply_async(call, task_id="the-same-id")
+            reliable.count.apply_async(("copy", 7), task_id="flat-id")  # flat arguments: repr, not saferepr
             reliable.count.apply_async(call, countdown=1)  # another shape: through Celery
         assert through_celery == [reliable.count.name, reliable.who.name, reliable.count.name]
-        reliable.count.apply_async(call, task_id="the-same-id")  # the same call, immediate: through Celery
+        # The same calls, immediate: through Celery.
+        reliable.count.apply_async(call, task_id="the-same-id")
+        reliable.count.apply_async(("copy", 7), task_id="flat-id")
     messages = list(reversed(_queued(server, queue)))  # LPUSH: newest first
-    reference = messages[-1]
-    (copy,) = [m for m in messages[:-1] if m["headers"]["id"] == copied.id]
-    for message in (copy, reference):
-        message["properties"].pop("delivery_tag")
-    assert copy == reference
-    assert len(messages) == 5
+    assert len(messages) == 7
+    for task_id in ("the-same-id", "flat-id"):
+        copy, reference = [m for m in messages if m["headers"]["id"] == task_id]
+        for message in (copy, reference):
+            message["properties"].pop("delivery_tag")
+        assert copy == reference
 
 
 # -- held, dropped, reported -----------------------------------------------------
@@ -326,3 +329,29 @@ def test_rabbitmq_with_publisher_confirms_waits_once_for_the_whole_batch(
     finally:
         reports.delete(f"{prefix}:{unique}:done", f"{prefix}:{unique}:runs")
         reports.close()
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((42, "hello"), {}),
+        ((), {"a": 1, "b": None, "c": True, "d": -2.5}),
+        ((10**30, float("inf"), False, ""), {"zoë": "naïve café", "x": "a b\tc"}),
+        (("it's",), {"path": "C:\\temp"}),  # quotes and backslashes: saferepr's own
+        (("x" * 300,), {}),  # long: truncated by saferepr
+        (([1, 2], {"k": (3,)}), {"deep": [[[[1]]]]}),  # nested: saferepr's own
+        ((1,) * 30, {}),
+    ],
+)
+def test_argument_reprs_are_celerys(args, kwargs):
+    """The reprs a copied message carries are those Celery's as_task_v2 writes."""
+    from celery.utils.saferepr import saferepr
+
+    from flask_pymacaron_async import _compat
+
+    app = reliable.create_app(broker="redis://127.0.0.1:1/0", queue=unique_queue())
+    amqp = app.extensions["celery"].amqp
+    levels = getattr(amqp.app.conf, "task_repr_maxlevels", None)
+    extra = {} if levels is None else {"maxlevels": levels}
+    expected = (saferepr(args, amqp.argsrepr_maxsize, **extra), saferepr(kwargs, amqp.kwargsrepr_maxsize, **extra))
+    assert _compat.task_reprs(amqp, args, kwargs) == expected

@@ -191,3 +191,24 @@ def test_a_whole_snapshot_from_an_older_sender_is_read_as_before():
     payload = json.dumps({"app": "a", "rid": "old", "user": None, "env": env, "ts": 1})
     read = ContextSigner.decode(f"{payload}.sig")
     assert read["rid"] == "old" and {k: read["env"][k] for k in env} == env
+
+
+def test_a_request_without_an_id_gets_one_that_its_logs_and_tasks_share():
+    """The id made for a request without X-Request-Id is the one its log lines and its tasks' requests carry."""
+    import logging
+
+    from flask_pymacaron_async import context
+    from flask_pymacaron_async.state import state_for
+    from flask_pymacaron_async.tracing import RequestIdFilter
+
+    app = basic.create_app()
+    with app.test_request_context("/no-id"):
+        record = logging.LogRecord("view", logging.INFO, __file__, 1, "in the view", None, None)
+        RequestIdFilter().filter(record)  # logged before any task is queued
+        assert record.request_id not in ("-", None)
+        token = context.take(state_for(app))
+        snapshot = context.ContextSigner.decode(f"{token}.sig")
+        assert snapshot["rid"] == record.request_id == snapshot["env"]["HTTP_X_REQUEST_ID"]
+    with app.test_request_context("/with-id", headers={"X-Request-Id": "from-the-proxy"}):
+        RequestIdFilter().filter(record)
+        assert record.request_id == "from-the-proxy"
