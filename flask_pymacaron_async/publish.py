@@ -387,10 +387,11 @@ class _Copier:
 
     A call is copied only when nothing else could differ: no countdown,
     ETA, expiry, callbacks or other options; results ignored (a result
-    backend subscribes per call); nothing connected to Celery's
-    ``before_task_publish`` / ``after_task_publish`` (OpenTelemetry's
-    instrumentation, say), no ``task-sent`` events. tests/test_batch.py
-    checks that a copy is the message Celery builds for the same call.
+    backend subscribes per call); the app's serializer, no compression,
+    protocol 2; nothing connected to Celery's ``before_task_publish`` /
+    ``after_task_publish`` (OpenTelemetry's instrumentation, say), no
+    ``task-sent`` events. tests/test_batch.py checks that a copy is the
+    message Celery builds for the same call.
     """
 
     def __init__(self, publisher: Publisher, channel: Any) -> None:
@@ -399,6 +400,7 @@ class _Copier:
         celery = publisher.state.celery
         self.amqp = celery.amqp
         self.serializer = celery.conf.task_serializer
+        self.content_type = dumps(None, serializer=self.serializer)[0]
         # The task running this batch, if any: each call joins its trail, as Celery's send_task does.
         self.parent = celery.current_worker_task
         self.templates: dict[Any, tuple[Any, Any, bool]] = {}
@@ -406,14 +408,17 @@ class _Copier:
     @classmethod
     def for_channel(cls, publisher: Publisher, channel: Any) -> _Copier | None:
         celery = publisher.state.celery
-        if not hasattr(channel, "pma_template") or celery.conf.task_send_sent_event:
+        conf = celery.conf
+        if not hasattr(channel, "pma_template") or conf.task_send_sent_event:
+            return None
+        if conf.task_compression or conf.task_protocol != 2:
             return None
         if _compat.publish_signals_connected():
             return None
         return cls(publisher, channel)
 
     def _shape(self, task: ContextTask, options: dict[str, Any]) -> Any:
-        if not options.keys() <= _COPYABLE_OPTIONS or not task.ignore_result:
+        if not options.keys() <= _COPYABLE_OPTIONS or not task.ignore_result or task.serializer != self.serializer:
             return None
         return (task.name, *sorted((k, repr(v)) for k, v in options.items() if k not in ("task_id", "producer")))
 
@@ -431,6 +436,8 @@ class _Copier:
         _keys, message = found
         headers = message["headers"]
         if headers.get("eta") or headers.get("expires") or headers.get("group") or headers.get("chord"):
+            return
+        if headers.get("compression") or message.get("content-type") != self.content_type:
             return
         _, _, embed = loads(
             base64.b64decode(message["body"]),

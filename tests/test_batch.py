@@ -136,6 +136,23 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
         assert copy == reference
 
 
+@pytest.mark.parametrize("setting", [{"task_compression": "gzip"}], ids=["compressed"])
+def test_what_a_copy_could_get_wrong_goes_through_celery(server, monkeypatch, setting):
+    from flask_pymacaron_async.task import ContextTask
+
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, CELERY={"task_default_queue": queue, **setting})
+    through_celery = []
+    original = ContextTask.celery_apply_async
+    monkeypatch.setattr(
+        ContextTask, "celery_apply_async", lambda self, *a, **k: through_celery.append(1) or original(self, *a, **k)
+    )
+    with app.app_context(), reliable.ext.batch():
+        for n in range(3):
+            reliable.count.delay("setting", n)
+    assert len(through_celery) == 3 and len(_queued(server, queue)) == 3
+
+
 # -- held, dropped, reported -----------------------------------------------------
 
 
