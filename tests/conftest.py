@@ -159,9 +159,15 @@ def rabbitmq_url():
     subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=120)
 
 
+# Bindings of Celery's own exchanges, shared by every Celery app on a Redis:
+# the events of `worker -E` and Flower, the remote control of `celery inspect`.
+_SHARED_BINDINGS = ("_kombu.binding.celeryev", "_kombu.binding.celery.pidbox", "_kombu.binding.reply.celery.pidbox")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def redis_client():
     client = redis.Redis.from_url(BROKER_URL)
+    before = {key: client.smembers(key) for key in _SHARED_BINDINGS}
     yield client
     # Everything this run wrote: its queues, their dead letters and delayed
     # sets, the reports under its prefix, and kombu's bindings of its queues.
@@ -170,6 +176,12 @@ def redis_client():
         *client.scan_iter(f"_kombu.binding*pma-test-{RUN_ID}*"),
         os.environ["PMA_TEST_QUEUE"],
     ]
+    # The queues its workers, Flower and `celery inspect` bound to Celery's
+    # exchanges (a member is routing key, pattern and queue, \x06\x16-separated).
+    for binding, members in before.items():
+        for member in client.smembers(binding) - members:
+            client.srem(binding, member)
+            keys.append(member.split(b"\x06\x16")[-1])
     if keys:
         client.delete(*keys)
     client.close()

@@ -167,4 +167,5 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 
 
 def unique_queue() -> str:
-    return f"pma-rel-{uuid.uuid4().hex[:10]}"
+    """A queue name of its own, under the run's prefix: the run's clean-up removes its keys and bindings."""
+    return f"{os.environ.get('PMA_TEST_PREFIX', 'pma-test')}-q-{uuid.uuid4().hex[:10]}"
