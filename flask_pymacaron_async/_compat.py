@@ -131,7 +131,16 @@ class KombuRedisChannel(kombu_redis.Channel):
     (kombu 5.2.0–5.7.0). A subclass implements :meth:`take_start`,
     :meth:`take_read`, :meth:`get_one`, :meth:`put_one`, :meth:`receive_fanout`
     and :meth:`make_client`; ``kombu_*`` are kombu's own versions.
+
+    ``transport.SentinelChannel`` puts kombu's ``SentinelChannel`` after this
+    class in its MRO: kombu's Sentinel channel overrides none of these hooks,
+    only how the connection pool is made (``_get_pool``) and, from kombu 5.7,
+    the fanout topics (checked on kombu 5.2.0, 5.2.4 and 5.7.0;
+    ``tests/test_sentinel.py`` checks it on the installed kombu).
     """
+
+    #: kombu's private hooks this class maps to public names.
+    HOOKS = ("_brpop_start", "_brpop_read", "_get", "_put", "_receive_one", "_create_client")
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         self.take_start(timeout)
@@ -228,6 +237,20 @@ class KombuRedisTransport(kombu_redis.Transport):
 
     def kombu_deliver(self, message: Any, queue: str | None) -> None:
         super()._deliver(message, queue)
+
+
+def pool_connection(pool: Any) -> Any:
+    """A connection taken from a redis-py connection pool (give it back with ``pool.release``).
+
+    redis-py before 5.3 requires a command name (which it ignores); 5.3 and
+    later warn when one is given (checked on redis-py 4.0.2, 4.6.0 and 8.2.0).
+    """
+    import inspect
+
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if parameter is not None and parameter.default is inspect.Parameter.empty:
+        return pool.get_connection("MULTI")
+    return pool.get_connection()
 
 
 def _monotonic() -> float:

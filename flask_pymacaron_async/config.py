@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_CONTEXT_HEADERS": list(DEFAULT_CONTEXT_HEADERS),
     "PYMACARON_ASYNC_PUBLISH": "immediate",
     "PYMACARON_ASYNC_PUBLISH_TIMEOUT": 2.0,
+    "PYMACARON_ASYNC_BROKER_MIN_REPLICAS": 0,
     "PYMACARON_ASYNC_FALLBACK": None,
     "PYMACARON_ASYNC_SECRET_KEY": None,
     "PYMACARON_ASYNC_SECRET_KEY_FALLBACKS": [],
@@ -51,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_DEPLOY_GRACE": 600,
     "PYMACARON_ASYNC_SPAWN_WORKER": None,
     "PYMACARON_ASYNC_EMBEDDED_BROKER": "auto",
+    "PYMACARON_ASYNC_DASHBOARD_SHOW_ARGS": False,
+    "PYMACARON_ASYNC_DASHBOARD_REFRESH": 5,
     "CELERY": {},
 }
 
@@ -69,6 +72,7 @@ class Settings:
     context_headers: tuple[str, ...]
     publish: str
     publish_timeout: float
+    broker_min_replicas: int
     fallback: str | None
     secret_key: str | bytes | None = dataclasses.field(repr=False)
     secret_key_fallbacks: tuple[str | bytes, ...] = dataclasses.field(repr=False)
@@ -80,6 +84,8 @@ class Settings:
     deploy_grace: float
     spawn_worker: bool | None
     embedded_broker: str | bool
+    dashboard_show_args: bool
+    dashboard_refresh: float
     celery: Mapping[str, Any]
 
     def __repr__(self) -> str:
@@ -161,7 +167,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         f"one of {EMBEDDED_BROKER_MODES}",
         embedded,
     )
-    for key in ("PYMACARON_ASYNC_ENABLED", "PYMACARON_ASYNC_DEAD_LETTER_FAILED"):
+    for key in ("PYMACARON_ASYNC_ENABLED", "PYMACARON_ASYNC_DEAD_LETTER_FAILED", "PYMACARON_ASYNC_DASHBOARD_SHOW_ARGS"):
         _check(key, isinstance(config[key], bool), "True or False", config[key])
     spawn = config["PYMACARON_ASYNC_SPAWN_WORKER"]
     _check("PYMACARON_ASYNC_SPAWN_WORKER", spawn in (None, True, False), "None, True or False", spawn)
@@ -173,6 +179,13 @@ def load_settings(config: dict[str, Any]) -> Settings:
     _check("CELERY", isinstance(celery, Mapping), "a dict of Celery settings", celery)
     max_bytes = _count(config, "PYMACARON_ASYNC_MAX_MESSAGE_BYTES")
     dead_max = _count(config, "PYMACARON_ASYNC_DEAD_LETTER_MAX")
+    replicas = config["PYMACARON_ASYNC_BROKER_MIN_REPLICAS"]
+    _check(
+        "PYMACARON_ASYNC_BROKER_MIN_REPLICAS",
+        isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 0,
+        "a number of replicas (0 or more)",
+        replicas,
+    )
 
     max_age = config["PYMACARON_ASYNC_CONTEXT_MAX_AGE"]
     if max_age is not None:
@@ -197,6 +210,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         context_headers=tuple(headers),
         publish=publish,
         publish_timeout=_number(config, "PYMACARON_ASYNC_PUBLISH_TIMEOUT"),
+        broker_min_replicas=replicas,
         fallback=fallback,
         secret_key=secret,
         secret_key_fallbacks=tuple(dict.fromkeys(k for k in fallbacks if k != secret)),
@@ -208,5 +222,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         deploy_grace=_number(config, "PYMACARON_ASYNC_DEPLOY_GRACE", "a number of seconds (0: no grace)", zero=True),
         spawn_worker=spawn,
         embedded_broker=embedded,
+        dashboard_show_args=config["PYMACARON_ASYNC_DASHBOARD_SHOW_ARGS"],
+        dashboard_refresh=_number(config, "PYMACARON_ASYNC_DASHBOARD_REFRESH", "a positive number of seconds"),
         celery=dict(celery),
     )

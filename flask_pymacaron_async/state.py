@@ -166,6 +166,7 @@ def make_celery(state: AsyncState) -> Celery:
         broker_transport_options={
             "visibility_timeout": s.visibility_timeout,
             "dead_letter_max": s.dead_letter_max,
+            "min_replicas": s.broker_min_replicas,
             "socket_connect_timeout": timeout,
             # A broker that accepts connections and never answers (paused,
             # half-open TCP) must fail a publish too, not hang it.
@@ -176,7 +177,12 @@ def make_celery(state: AsyncState) -> Celery:
         redis_socket_connect_timeout=timeout,
         task_publish_retry=False,
     )
+    defaults = dict(celery.conf.broker_transport_options)
     celery.conf.update(s.celery)
+    if "broker_transport_options" in s.celery:
+        # The app's options (a Sentinel's master_name, ...) add to the
+        # extension's timeouts instead of dropping them.
+        celery.conf.broker_transport_options = {**defaults, **(s.celery["broker_transport_options"] or {})}
     transport.configure(celery, s.celery)
     celery.pma_state = state
     return celery

@@ -20,6 +20,16 @@
   checked by :class:`flask_pymacaron_async.consumer.Consumer`, which
   dead-letters what it refuses through :meth:`Channel.pma_dead_letter`.
 
+The same implementation serves a Redis behind Sentinel (``sentinel://``):
+:class:`SentinelTransport` is :class:`Transport` with kombu's
+Sentinel-managed connection pool, which asks the Sentinels for the master at
+every connection, so a worker reconnects to the new master by itself after
+a failover.
+
+With ``min_replicas`` (``PYMACARON_ASYNC_BROKER_MIN_REPLICAS``), a publish
+returns only once that many replicas have the message (Redis ``WAIT``), so a
+failover right after it cannot lose it.
+
 It also keeps a message due later than half the visibility timeout (a long
 ``countdown`` or ``eta``) out of its queue, in a sorted set, until shortly
 before it is due: a worker holding it unacknowledged past the visibility
@@ -50,18 +60,21 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from . import deadletter
-from ._compat import KombuRedisChannel, KombuRedisTransport
-from .errors import one_line
+from ._compat import KombuRedisChannel, KombuRedisTransport, pool_connection
+from .errors import AsyncUnavailable, one_line
 
 log = logging.getLogger(__name__)
 
 #: ``broker_transport`` value that selects :class:`Transport`.
 TRANSPORT = "flask_pymacaron_async.transport:Transport"
+#: ``broker_transport`` value that selects :class:`SentinelTransport`.
+SENTINEL_TRANSPORT = "flask_pymacaron_async.transport:SentinelTransport"
 #: ``worker_consumer`` value that selects :class:`~flask_pymacaron_async.consumer.Consumer`.
 CONSUMER = "flask_pymacaron_async.consumer:Consumer"
 
-# Broker URL schemes served by kombu's plain Redis transport.
+# Broker URL schemes served by kombu's plain Redis transport, and by its Sentinel one.
 _REDIS_SCHEMES = ("redis", "rediss")
+_SENTINEL_SCHEME = "sentinel"
 _TAKE_CMD, _WAIT_CMD, _BRPOP_CMD = "EVAL", "BLMOVE", "BRPOP"
 
 _JSON_KINDS = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
@@ -70,17 +83,31 @@ _JSON_KINDS = {type(None): "null", bool: "boolean", int: "number", float: "numbe
 def configure(celery: Any, overrides: Mapping[str, Any]) -> None:
     """Make ``celery`` reject bad messages instead of dying on them.
 
-    Sets ``worker_consumer`` (any broker) and, for a ``redis://`` or
-    ``rediss://`` broker, ``broker_transport``, unless ``overrides`` (the
-    app's ``CELERY`` setting) sets them itself.
+    Sets ``worker_consumer`` (any broker) and, for a ``redis://``,
+    ``rediss://`` or ``sentinel://`` broker (several Sentinels separated by
+    ``;``), ``broker_transport``, unless ``overrides`` (the app's ``CELERY``
+    setting) sets them itself.
     """
     conf = celery.conf
     if "worker_consumer" not in overrides:
         conf.worker_consumer = CONSUMER
     url = conf.broker_url
-    if "broker_transport" in overrides or not isinstance(url, str) or ";" in url:
+    if "broker_transport" in overrides or not isinstance(url, str):
         return
-    scheme = url.partition("://")[0]
+    schemes = {part.partition("://")[0] for part in url.split(";") if part.strip()}
+    if schemes == {_SENTINEL_SCHEME}:
+        conf.broker_transport = SENTINEL_TRANSPORT
+        options = dict(conf.broker_transport_options or {})
+        if "sentinel_kwargs" not in options:
+            # redis-py asks the Sentinels without any timeout: a Sentinel
+            # that accepts connections and never answers would hang a publish.
+            timeout = options.get("socket_timeout") or conf.broker_connection_timeout
+            options["sentinel_kwargs"] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+            conf.broker_transport_options = options
+        return
+    if len(schemes) != 1 or ";" in url:
+        return
+    (scheme,) = schemes
     if scheme not in _REDIS_SCHEMES:
         return
     conf.broker_transport = TRANSPORT
@@ -179,10 +206,14 @@ class Channel(KombuRedisChannel):
     unacked_restore_throttle = 1
     #: Entries kept per queue in the dead letters (``PYMACARON_ASYNC_DEAD_LETTER_MAX``).
     dead_letter_max = 10_000
+    #: Replicas that must have a message before its publish returns
+    #: (``PYMACARON_ASYNC_BROKER_MIN_REPLICAS``; 0: the master's word is enough).
+    min_replicas = 0
     from_transport_options = (
         *KombuRedisChannel.from_transport_options,
         "unacked_restore_throttle",
         "dead_letter_max",
+        "min_replicas",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -242,11 +273,12 @@ class Channel(KombuRedisChannel):
         # is due: past the visibility timeout another worker would run it too.
         later = due is not None and due - time() > self.visibility_timeout / 2
         collected = self._pma_collected
-        if (
-            collected is None
-            or kwargs.get("_publish_batch") is not None
-            or queue in (getattr(self, "_expires", None) or ())
-        ):
+        own = kwargs.get("_publish_batch") is not None or queue in (getattr(self, "_expires", None) or ())
+        if collected is None and self.min_replicas and not own:
+            # Sent with the replicas' acknowledgement (see pma_collecting).
+            with self.pma_collecting():
+                return self.put_one(queue, message, **kwargs)
+        if collected is None or own:
             collected = None  # published now (or by kombu's own batch)
         if not later:
             if collected is None:
@@ -337,10 +369,53 @@ class Channel(KombuRedisChannel):
             self._pma_tables.clear()
         if not collected:
             return
+        if self.min_replicas:
+            self._pma_replicated(collected)
+            return
         with self._pma_redis().pipeline(transaction=True) as pipe:
             for name, command_args in collected:
                 getattr(pipe, name)(*command_args)
             pipe.execute()
+
+    def _pma_replicated(self, collected: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Send ``collected`` in one ``MULTI``/``EXEC``, then ``WAIT`` for :attr:`min_replicas` replicas.
+
+        ``WAIT`` counts the replicas that have the writes of *its* connection:
+        everything goes on one connection taken from the pool, in one round trip.
+
+        :raises AsyncUnavailable: when fewer replicas acknowledged within half
+            the socket timeout; the master has the messages, which may run.
+        """
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for name, command_args in collected:
+            if name == "zadd":
+                key, scored = command_args
+                commands.append(("ZADD", key, *(v for item, score in scored.items() for v in (score, item))))
+            else:
+                commands.append((name.upper(), *command_args))
+        wait_ms = max(int((self.socket_timeout or 2.0) * 500), 1)
+        commands += [("EXEC",), ("WAIT", self.min_replicas, wait_ms)]
+        pool = self.pool
+        connection = pool_connection(pool)
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            replies = [connection.read_response() for _ in commands]
+        except BaseException:
+            # Out of step with the replies (or gone): never reused.
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        failed = [reply for reply in replies[-2] or () if isinstance(reply, Exception)]
+        if failed:
+            raise failed[0]
+        acknowledged = int(replies[-1])
+        if acknowledged < self.min_replicas:
+            raise AsyncUnavailable(
+                f"the broker's master took {len(collected)} message(s) but {acknowledged} of the "
+                f"{self.min_replicas} replica(s) PYMACARON_ASYNC_BROKER_MIN_REPLICAS asks for had them "
+                f"after {wait_ms} ms: they may run, or be lost if the master fails now"
+            )
 
     def pma_move_due(self) -> int:
         """Move the delayed messages of this channel's queues that are due soon onto their queue.
@@ -650,6 +725,25 @@ class Transport(KombuRedisTransport):
             log.error("Rejected an item from queue %r: %s", queue, problem)
             return
         self.kombu_deliver(message, queue)
+
+
+class SentinelChannel(Channel, redis.SentinelChannel):
+    """:class:`Channel` on a Redis found through Sentinel: kombu's Sentinel-managed pool, the rest is :class:`Channel`.
+
+    The broker URL names the Sentinels (``sentinel://host:26379;sentinel://...``),
+    the ``master_name`` transport option the master they watch.
+    """
+
+    from_transport_options = tuple(
+        dict.fromkeys((*Channel.from_transport_options, *redis.SentinelChannel.from_transport_options))
+    )
+
+
+class SentinelTransport(Transport):
+    """:class:`Transport` for ``sentinel://`` broker URLs."""
+
+    Channel = SentinelChannel
+    default_port = 26379
 
 
 # The delayed-message mover of each event loop (one per worker, whatever the reconnections).

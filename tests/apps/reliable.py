@@ -2,7 +2,8 @@
 
 Configured from the environment, so each test points its worker at its own
 Redis and queue: PMA_REL_BROKER_URL, PMA_REL_QUEUE, PMA_REL_VISIBILITY
-(seconds) and PMA_REL_PREFIX (where tasks write their reports), falling back
+(seconds), PMA_REL_TRANSPORT_OPTIONS (JSON broker_transport_options) and
+PMA_REL_PREFIX (where tasks write their reports), falling back
 to the test run's PMA_TEST_* values. Tasks write what they did to Redis keys
 ``<prefix>:<run>:<what>``, in the broker's Redis unless PMA_REL_REPORT_URL
 names another one (a test that stops the broker's Redis needs its tasks to
@@ -44,13 +45,18 @@ def settings_from_env() -> dict:
         "keep_failed": os.environ.get("PMA_REL_KEEP_FAILED", "1") == "1",
         # Where tasks write their reports (the broker itself when it is Redis).
         "reports": os.environ.get("PMA_REL_REPORT_URL"),
+        # broker_transport_options, as JSON (a Sentinel's master_name).
+        "transport_options": json.loads(os.environ.get("PMA_REL_TRANSPORT_OPTIONS") or "{}"),
         # Sign with Flask's SECRET_KEY and SECRET_KEY_FALLBACKS instead of the extension's own key.
         "flask_keys": os.environ.get("PMA_REL_FLASK_KEYS") == "1",
     }
 
 
-def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None, reports=None, **config):
+def create_app(
+    broker=None, queue=None, visibility=None, prefix=None, grace=None, reports=None, transport_options=None, **config
+):
     env = settings_from_env()
+    options = env["transport_options"] if transport_options is None else transport_options
     app = Flask(__name__)
     app.config.update(
         PYMACARON_ASYNC_SECRET_KEY=env["secret"],
@@ -61,7 +67,10 @@ def create_app(broker=None, queue=None, visibility=None, prefix=None, grace=None
         PYMACARON_ASYNC_BROKER_URL=broker or env["broker"],
         PYMACARON_ASYNC_VISIBILITY_TIMEOUT=visibility or env["visibility"],
         PYMACARON_ASYNC_DEPLOY_GRACE=env["grace"] if grace is None else grace,
-        CELERY={"task_default_queue": queue or env["queue"]},
+        CELERY={
+            "task_default_queue": queue or env["queue"],
+            **({"broker_transport_options": options} if options else {}),
+        },
         REPORT_PREFIX=prefix or env["prefix"],
         REPORT_URL=reports or env["reports"] or broker or env["broker"],
     )
