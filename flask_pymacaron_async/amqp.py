@@ -11,6 +11,12 @@ from (the current request, else none). It also removes what must never
 leave a worker: the consumer's verification mark, and the deferral count of a
 message being retried.
 
+On RabbitMQ, a quorum queue (``task_default_queue_type = "quorum"``, Celery
+5.5+, or a ``Queue`` declared with ``x-queue-type: quorum``) gets a delivery
+limit and a dead-letter route into the extension's dead letters
+(:class:`Queues`): a message that is delivered again and again (its worker
+killed each time) ends in ``flask async dead``, not in a loop.
+
 :class:`~flask_pymacaron_async.PymacaronAsync` creates every Celery app with
 ``amqp="flask_pymacaron_async.amqp:AMQP"``.
 """
@@ -24,13 +30,57 @@ from celery.app import amqp as celery_amqp
 from kombu.serialization import dumps
 
 from . import _compat, context
-from .deadletter import DEFERRED
+from .deadletter import DEFERRED, SUFFIX
 
 _NEVER_SENT = (context.VERIFIED, DEFERRED)
+
+#: ``x-delivery-limit`` of a quorum queue unless it sets its own (RabbitMQ 4's default).
+DELIVERY_LIMIT = 20
+
+
+def quorum_arguments(
+    queue: str, arguments: dict[str, Any] | None, delivery_limit: int = DELIVERY_LIMIT
+) -> dict[str, Any] | None:
+    """``arguments`` of a queue named ``queue``, with the delivery limit and dead-letter route of a quorum queue.
+
+    A queue that is not a quorum queue keeps its arguments; one that sets
+    any of these keeps its own values.
+    """
+    if not arguments or arguments.get("x-queue-type") != "quorum":
+        return arguments
+    return {
+        "x-delivery-limit": delivery_limit,
+        # The default exchange routes by queue name: into the queue's dead letters.
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue + SUFFIX,
+        **arguments,
+    }
+
+
+class Queues(celery_amqp.Queues):
+    """Celery's queue table: a quorum queue gets a delivery limit and its dead letters as dead-letter route."""
+
+    #: ``PYMACARON_ASYNC_DELIVERY_LIMIT`` of the app (:attr:`AMQP.queues_cls` sets it).
+    delivery_limit = DELIVERY_LIMIT
+
+    def add(self, queue: Any, **kwargs: Any) -> Any:
+        limit = self.delivery_limit
+        if hasattr(queue, "queue_arguments"):
+            queue.queue_arguments = quorum_arguments(queue.name, queue.queue_arguments, limit)
+        elif isinstance(queue, str) and kwargs.get("queue_arguments"):
+            kwargs["queue_arguments"] = quorum_arguments(queue, kwargs["queue_arguments"], limit)
+        return super().add(queue, **kwargs)
 
 
 class AMQP(celery_amqp.AMQP):
     """Celery's ``AMQP``, signing the context of each task message it sends."""
+
+    @cached_property
+    def queues_cls(self) -> type[Queues]:
+        """:class:`Queues` with the app's ``PYMACARON_ASYNC_DELIVERY_LIMIT``."""
+        state = getattr(self.app, "pma_state", None)
+        limit = state.settings.delivery_limit if state is not None else DELIVERY_LIMIT
+        return type("Queues", (Queues,), {"delivery_limit": limit})
 
     @cached_property
     def send_task_message(self) -> Callable[..., Any]:

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_PUBLISH": "immediate",
     "PYMACARON_ASYNC_PUBLISH_TIMEOUT": 2.0,
     "PYMACARON_ASYNC_BROKER_MIN_REPLICAS": 0,
+    "PYMACARON_ASYNC_DELIVERY_LIMIT": 20,
     "PYMACARON_ASYNC_FALLBACK": None,
     "PYMACARON_ASYNC_SECRET_KEY": None,
     "PYMACARON_ASYNC_SECRET_KEY_FALLBACKS": [],
@@ -73,6 +74,7 @@ class Settings:
     publish: str
     publish_timeout: float
     broker_min_replicas: int
+    delivery_limit: int
     fallback: str | None
     secret_key: str | bytes | None = dataclasses.field(repr=False)
     secret_key_fallbacks: tuple[str | bytes, ...] = dataclasses.field(repr=False)
@@ -211,6 +213,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         publish=publish,
         publish_timeout=_number(config, "PYMACARON_ASYNC_PUBLISH_TIMEOUT"),
         broker_min_replicas=replicas,
+        delivery_limit=_count(config, "PYMACARON_ASYNC_DELIVERY_LIMIT"),
         fallback=fallback,
         secret_key=secret,
         secret_key_fallbacks=tuple(dict.fromkeys(k for k in fallbacks if k != secret)),

@@ -84,6 +84,29 @@ class Consumer(CeleryConsumer):
 
             deadletter.on_stored(self.app, notify)
 
+    def on_ready(self) -> None:
+        super().on_ready()
+        self._pma_declare_dead_letters()
+
+    def _pma_declare_dead_letters(self) -> None:
+        """Declare the dead letters of each quorum queue consumed: RabbitMQ routes what it dead-letters there."""
+        consumer = getattr(self, "task_consumer", None)
+        if consumer is None or not _is_amqp(consumer.channel):
+            return
+        for queue in consumer.queues:
+            arguments = queue.queue_arguments or {}
+            target = arguments.get("x-dead-letter-routing-key")
+            if arguments.get("x-queue-type") != "quorum" or target != queue.name + deadletter.SUFFIX:
+                continue
+            try:
+                _amqp_store(self.app).declare(
+                    target, deadletter.amqp_arguments(_dead_letter_max(self.app), quorum=True)
+                )
+            except Exception as exc:  # the broker went away: the next start declares it
+                log.error(
+                    "Could not declare the dead letters %r of quorum queue %r: %s", target, queue.name, one_line(exc)
+                )
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
         signatures: dict[str, inspect.Signature | None] = {}

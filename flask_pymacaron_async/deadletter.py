@@ -34,6 +34,7 @@ import logging
 import socket
 import threading
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
@@ -491,6 +492,21 @@ class AmqpStore:
                     if attempt == 2:
                         raise
 
+    def declare(self, queue: str, arguments: dict[str, Any]) -> None:
+        """Declare ``queue`` with ``arguments`` unless it exists (RabbitMQ drops what it dead-letters to no queue)."""
+        with self._lock:
+            if queue in self._declared:
+                return
+            connection = self._conn()
+            try:
+                _declare(connection, queue, arguments)
+            except connection.connection_errors + connection.channel_errors:
+                connection.release()
+                self._connection = None
+                self._declared.clear()
+                raise
+            self._declared.add(queue)
+
     def close(self) -> None:
         """Close the connection (a new one opens on next use)."""
         with self._lock:
@@ -516,9 +532,15 @@ def _declare(connection: Any, queue: str, arguments: dict[str, Any]) -> None:
         _close(channel)
 
 
-def amqp_arguments(max_entries: int) -> dict[str, Any]:
-    """Arguments of a dead-letter queue on RabbitMQ: bounded, the oldest dropped first."""
-    return {"x-max-length": max_entries, "x-overflow": "drop-head"}
+def amqp_arguments(max_entries: int, quorum: bool = False) -> dict[str, Any]:
+    """Arguments of a dead-letter queue on RabbitMQ: bounded, the oldest dropped first.
+
+    :param quorum: a quorum queue, as the queue whose dead letters it keeps.
+    """
+    arguments: dict[str, Any] = {"x-max-length": max_entries, "x-overflow": "drop-head"}
+    if quorum:
+        arguments["x-queue-type"] = "quorum"
+    return arguments
 
 
 def amqp_copy(message: Any) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
@@ -557,9 +579,31 @@ def _amqp_entries(channel: Any, queue: str) -> Iterator[tuple[Any, DeadLetter]]:
             description = json.loads(headers.get(AMQP_HEADER) or "{}")
         except (TypeError, ValueError):
             description = {}
+        if not description and headers.get("x-death"):
+            description = _rabbitmq_dead(headers)
         description.setdefault("queue", queue)
         description.setdefault("id", headers.get("id") or "?")
         yield message, DeadLetter._from_meta(description, raw=message.body or b"")
+
+
+_RABBITMQ_DEATH = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+def _rabbitmq_dead(headers: dict[str, Any]) -> dict[str, Any]:
+    """The description of a message RabbitMQ dead-lettered itself (a quorum queue's delivery limit, a reject)."""
+    death = headers["x-death"][0] if isinstance(headers["x-death"], list) and headers["x-death"] else {}
+    why = _text(death.get("reason") or "?") if isinstance(death, dict) else "?"
+    reason = f"dead-lettered by RabbitMQ ({why})"
+    if why == "delivery_limit":
+        reason = "delivered too many times (the quorum queue's x-delivery-limit): each delivery ended without an ack"
+    when = death.get("time") if isinstance(death, dict) else None
+    return {
+        "reason": reason,
+        "kind": REFUSED,
+        "task": headers.get("task"),
+        "task_id": headers.get("id"),
+        "time": when.timestamp() if isinstance(when, datetime) else time.time(),
+    }
 
 
 # -- what the CLI and the extension use ----------------------------------------------
@@ -637,6 +681,9 @@ def requeue(celery: Celery, queues: Iterable[str], ids: Iterable[str] | None = N
                                 continue
                             body, headers, properties = amqp_copy(message)
                             headers.pop(DEFERRED, None)
+                            # RabbitMQ's own record of a dead-lettering: the message starts afresh.
+                            for name in [h for h in headers if h.startswith(_RABBITMQ_DEATH)]:
+                                headers.pop(name)
                             # Confirmed on the queue before it leaves the dead letters.
                             store.publish(queue, body, headers, properties, {})
                             message.ack()

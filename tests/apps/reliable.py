@@ -2,7 +2,8 @@
 
 Configured from the environment, so each test points its worker at its own
 Redis and queue: PMA_REL_BROKER_URL, PMA_REL_QUEUE, PMA_REL_VISIBILITY
-(seconds), PMA_REL_TRANSPORT_OPTIONS (JSON broker_transport_options) and
+(seconds), PMA_REL_TRANSPORT_OPTIONS (JSON broker_transport_options),
+PMA_REL_CELERY and PMA_REL_CONFIG (JSON: more Celery settings, more app config) and
 PMA_REL_PREFIX (where tasks write their reports), falling back
 to the test run's PMA_TEST_* values. Tasks write what they did to Redis keys
 ``<prefix>:<run>:<what>``, in the broker's Redis unless PMA_REL_REPORT_URL
@@ -47,13 +48,24 @@ def settings_from_env() -> dict:
         "reports": os.environ.get("PMA_REL_REPORT_URL"),
         # broker_transport_options, as JSON (a Sentinel's master_name).
         "transport_options": json.loads(os.environ.get("PMA_REL_TRANSPORT_OPTIONS") or "{}"),
+        # More Celery settings, and more app config, as JSON.
+        "celery": json.loads(os.environ.get("PMA_REL_CELERY") or "{}"),
+        "config": json.loads(os.environ.get("PMA_REL_CONFIG") or "{}"),
         # Sign with Flask's SECRET_KEY and SECRET_KEY_FALLBACKS instead of the extension's own key.
         "flask_keys": os.environ.get("PMA_REL_FLASK_KEYS") == "1",
     }
 
 
 def create_app(
-    broker=None, queue=None, visibility=None, prefix=None, grace=None, reports=None, transport_options=None, **config
+    broker=None,
+    queue=None,
+    visibility=None,
+    prefix=None,
+    grace=None,
+    reports=None,
+    transport_options=None,
+    celery=None,
+    **config,
 ):
     env = settings_from_env()
     options = env["transport_options"] if transport_options is None else transport_options
@@ -81,6 +93,8 @@ def create_app(
             SECRET_KEY=env["secret"],
             SECRET_KEY_FALLBACKS=env["fallbacks"],
         )
+    app.config["CELERY"].update(env["celery"] if celery is None else celery)
+    app.config.update(env["config"])
     app.config.update(config)
     ext.init_app(app)
 
@@ -203,6 +217,15 @@ def fails_until_allowed(run):
     if not c.exists(key(run, "allow")):
         raise RuntimeError("not allowed yet")
     c.sadd(key(run, "done"), 1)
+
+
+@ext.task
+def crash(run):
+    """Kills the process that runs it (a poison message): recorded first, never done."""
+    import signal
+
+    client().rpush(key(run, "runs"), os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @ext.task
