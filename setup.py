@@ -11,7 +11,9 @@ setup(
     long_description_content_type="text/x-rst",
     license="BSD-3-Clause",
     packages=find_packages(include=["flask_pymacaron_async", "flask_pymacaron_async.*", "pymacaron_async"]),
-    package_data={"flask_pymacaron_async": ["py.typed"]},
+    package_data={
+        "flask_pymacaron_async": ["py.typed", "templates/pymacaron_async/*.html", "static/pymacaron_async/*"]
+    },
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=[

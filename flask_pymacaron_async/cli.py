@@ -21,9 +21,9 @@ import click
 from flask.cli import AppGroup, ScriptInfo, pass_script_info
 
 from . import _compat, broker, deadletter, spawn
-from .errors import one_line
 from .process import watch_parent
 from .state import AsyncState, state_for
+from .status import collect_status
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -107,48 +107,6 @@ def status_command(info: ScriptInfo, queues: tuple[str, ...], timeout: float, as
         click.get_current_context().exit(1)
 
 
-def collect_status(state: AsyncState, queues: list[str] | None = None, timeout: float = 1.0) -> dict[str, Any]:
-    """What ``flask async status`` shows, as a dict (``--json`` prints it)."""
-    celery = state.celery
-    url = celery.conf.broker_url
-    names = queues or broker.queue_names(celery)
-    status: dict[str, Any] = {
-        "broker": {"url": broker.describe(url), "ok": False, "error": None},
-        "queues": {},
-        "delayed": {},
-        "dead_letters": {},
-        "workers": {},
-        "other_workers": 0,
-    }
-    error = broker.check(url, timeout, dict(celery.conf.broker_transport_options or {}))
-    if error is not None:
-        status["broker"]["error"] = error
-        return status
-    status["broker"]["ok"] = True
-    try:
-        status["queues"] = broker.queue_sizes(celery, names)
-        status["delayed"] = broker.delayed_sizes(celery, names)
-        status["dead_letters"] = deadletter.counts(celery, names)
-    except Exception as exc:  # the broker went away between the calls
-        status["broker"].update(ok=False, error=one_line(exc, 500, kind=False))
-        return status
-    # A broker may serve other apps' workers: list those consuming these queues.
-    consuming = celery.control.inspect(timeout=timeout).active_queues() or {}
-    ours = sorted(w for w, qs in consuming.items() if {q.get("name") for q in qs or ()} & set(names))
-    status["other_workers"] = len(consuming) - len(ours)
-    active: dict[str, Any] = {}
-    if ours:
-        active = celery.control.inspect(timeout=timeout, destination=ours).active() or {}
-    status["workers"] = {
-        worker: [
-            {"id": task.get("id"), "name": task.get("name"), "args": task.get("args"), "kwargs": task.get("kwargs")}
-            for task in active.get(worker) or ()
-        ]
-        for worker in ours
-    }
-    return status
-
-
 def _print_status(status: dict[str, Any]) -> None:
     b = status["broker"]
     if not b["ok"]:
@@ -158,6 +116,9 @@ def _print_status(status: dict[str, Any]) -> None:
     click.echo("Queues:")
     for name, size in status["queues"].items():
         extra = ""
+        oldest = status["oldest"].get(name)
+        if oldest is not None:
+            extra += f", the oldest for {_age(oldest)}"
         delayed = status["delayed"].get(name)
         if delayed:
             extra += f", {delayed} delayed"
@@ -172,7 +133,8 @@ def _print_status(status: dict[str, Any]) -> None:
     for worker, tasks in workers.items():
         click.echo(f"  {worker}: {len(tasks)} running")
         for task in tasks:
-            click.echo(f"    {task['name']}[{task['id']}] args={task['args']} kwargs={task['kwargs']}")
+            who = "".join(f" {key}={task[key]}" for key in ("user", "url") if task.get(key))
+            click.echo(f"    {task['name']}[{task['id']}] args={task['args']} kwargs={task['kwargs']}{who}")
 
 
 @async_cli.command("purge", with_appcontext=False)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
 from flask import Flask, request_tearing_down
 
-from . import deadletter, publish, state
+from . import dashboard, deadletter, publish, state
 from .config import load_settings
 from .publish import Publisher
 from .task import DECLARED, AsyncTask, declare
@@ -14,8 +14,12 @@ from .users import UserHooks
 
 if TYPE_CHECKING:
     from celery import Celery
+    from flask import Blueprint
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Imported by the worker only (Celery's `imports`): it registers a remote-control command.
+_WORKER_IMPORT = "flask_pymacaron_async.control"
 
 
 class PymacaronAsync:
@@ -61,6 +65,11 @@ class PymacaronAsync:
         request_tearing_down.connect(publisher.teardown, app)
         for task in (*DECLARED.values(), *self.declared.values()):
             app_state.register(task)
+        # The worker imports it at start: it registers the command that lists
+        # the running tasks with who queued them (the dashboard, `flask async status`).
+        imports = tuple(app_state.celery.conf.imports or ())
+        if _WORKER_IMPORT not in imports:
+            app_state.celery.conf.imports = (*imports, _WORKER_IMPORT)
         state.add(app, app_state)
 
     @staticmethod
@@ -158,3 +167,24 @@ class PymacaronAsync:
     def purge_dead_letters(self, queue: str | None = None) -> int:
         """Delete the dead letters of the app's queues (or of ``queue``); how many there were. There is no undo."""
         return sum(deadletter.purge(self.celery, self._queues(queue)).values())
+
+    # -- operations page -----------------------------------------------------------
+
+    def dashboard_blueprint(self, allow: Callable[[], Any] | None = None, name: str = dashboard.NAME) -> Blueprint:
+        """A blueprint of the operations page: broker, queues, workers and their running tasks, failures, dead letters.
+
+        .. code-block:: python
+
+            app.register_blueprint(ext.dashboard_blueprint(allow=is_admin), url_prefix="/ops")
+
+        Its actions (requeue, purge dead letters, revoke a task) are POSTs
+        behind a confirmation and a CSRF check, logged with the acting user.
+        ``<prefix>/status.json`` serves what ``flask async status --json`` prints.
+        See :doc:`dashboard`.
+
+        :param allow: called in each request to the page; a false answer refuses it
+            (Flask-Login's ``unauthorized()`` for an anonymous user when Flask-Login is
+            set up, else 403). Without it, only an app in debug mode shows the page.
+        :param name: the blueprint's name (for ``url_for``; two dashboards on one app need two names).
+        """
+        return dashboard.blueprint(allow, name)

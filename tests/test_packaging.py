@@ -113,8 +113,11 @@ def test_sdist_ships_tests_docs_changes_and_py_typed(dists):
         "flask_pymacaron_async/py.typed",
     } | _tree_files(
         "flask_pymacaron_async/*.py",
+        "flask_pymacaron_async/templates/pymacaron_async/*.html",
+        "flask_pymacaron_async/static/pymacaron_async/*",
         "pymacaron_async/*.py",
         "docs/*.rst",
+        "docs/_static/*.png",
         "docs/conf.py",
         "tests/**/*.py",
         "tests/**/*.yaml",
@@ -136,7 +139,13 @@ def test_wheel_ships_the_packages_and_py_typed_only(dists):
         [metadata_name] = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = email.message_from_bytes(archive.read(metadata_name))
     assert "flask_pymacaron_async/py.typed" in names
-    modules = _tree_files("flask_pymacaron_async/*.py", "pymacaron_async/*.py")
+    modules = _tree_files(
+        "flask_pymacaron_async/*.py",
+        "pymacaron_async/*.py",
+        "flask_pymacaron_async/templates/pymacaron_async/*.html",
+        "flask_pymacaron_async/static/pymacaron_async/*",
+    )
+    assert "flask_pymacaron_async/templates/pymacaron_async/dashboard.html" in modules
     missing = sorted(modules - names)
     assert not missing, f"the wheel lacks {missing}"
     strays = sorted(n for n in names if n.split("/")[0] in ("tests", "docs", "examples", "benchmarks"))
@@ -181,6 +190,15 @@ _IMPORT_CHECK = textwrap.dedent(
     with queued.test_request_context("/queued"):
         echo.apply_async((8,), queue=queue)
 
+    # The operations page, from the templates and static files the wheel ships.
+    queued.register_blueprint(package.PymacaronAsync().dashboard_blueprint(allow=lambda: True), url_prefix="/ops")
+    client = queued.test_client()
+    page = client.get("/ops/")
+    static = [client.get("/ops/static/dashboard." + ext) for ext in ("css", "js")]
+    dashboard = [page.status_code, "pma-live" in page.get_data(as_text=True)] + [r.status_code for r in static]
+    for response in static:
+        response.close()
+
     location = pathlib.Path(package.__file__).parent
     print(json.dumps({
         "file": package.__file__,
@@ -190,6 +208,7 @@ _IMPORT_CHECK = textwrap.dedent(
         "entry_points": sorted(f"{e.group}:{e.name}={e.value}" for e in entry_points),
         "pymacaron_async": importlib.util.find_spec("pymacaron_async") is not None,
         "result": result,
+        "dashboard": dashboard,
     }))
     """
 )
@@ -225,6 +244,7 @@ def test_wheel_installs_in_a_fresh_venv_and_imports_every_public_name(dists, tmp
     assert sorted(seen["names"]) == sorted(flask_pymacaron_async.__all__)
     assert seen["version"] == flask_pymacaron_async.__version__
     assert seen["result"] == [7, "/smoke"]
+    assert seen["dashboard"] == [200, True, 200, 200]
     assert "flask.commands:async=flask_pymacaron_async.cli:async_cli" in seen["entry_points"]
     assert "pytest11:pymacaron_async=flask_pymacaron_async.testing" in seen["entry_points"]
     assert seen["pymacaron_async"]
