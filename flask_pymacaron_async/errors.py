@@ -20,7 +20,9 @@ class AsyncUnavailable(AsyncError):
     """The broker could not take the task within ``PYMACARON_ASYNC_PUBLISH_TIMEOUT``.
 
     Nothing was queued. Set ``PYMACARON_ASYNC_FALLBACK = "inline"`` to run the
-    task in the caller instead.
+    task in the caller instead. With ``PYMACARON_ASYNC_BROKER_MIN_REPLICAS``,
+    it is also raised when the master took the task but too few replicas
+    confirmed it in time: the message says so, and the task may still run.
     """
 
     #: For a batch (:meth:`PymacaronAsync.batch <flask_pymacaron_async.PymacaronAsync.batch>`): the ids of its tasks.

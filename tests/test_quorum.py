@@ -16,14 +16,13 @@ import time
 
 import celery
 import pytest
-from kombu import Connection
+from kombu import Connection, Queue
 
 from flask_pymacaron_async import amqp, deadletter
 from flask_pymacaron_async.cli import async_cli
+from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable
 from tests.faults import kill_tree, unique_queue, wait_for
-
-pytestmark = pytest.mark.slow
 
 QUORUM = {"task_default_queue_type": "quorum"}
 
@@ -97,6 +96,34 @@ def _queues(rabbitmq_url: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+def test_quorum_queues_get_a_delivery_limit_and_a_dead_letter_route():
+    """Any Celery version: a queue declared as a quorum queue in ``task_queues``."""
+    app = reliable.create_app(
+        queue="plain",
+        celery={
+            "task_queues": [
+                Queue("mail", queue_arguments={"x-queue-type": "quorum"}),
+                Queue("plain"),
+                Queue("own", queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": 5}),
+            ]
+        },
+        PYMACARON_ASYNC_DELIVERY_LIMIT=7,
+    )
+    queues = app.extensions["pymacaron_async"].celery.amqp.queues
+    assert queues["mail"].queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 7,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "mail" + deadletter.SUFFIX,
+    }
+    assert not queues["plain"].queue_arguments
+    assert queues["own"].queue_arguments["x-delivery-limit"] == 5
+    for value in (0, -1, True, "20"):
+        with pytest.raises(ConfigError, match="PYMACARON_ASYNC_DELIVERY_LIMIT"):
+            reliable.create_app(queue="q", PYMACARON_ASYNC_DELIVERY_LIMIT=value)
+
+
+@pytest.mark.slow
 def test_quorum_queue_with_its_delivery_limit_and_dead_letters(quorum, rabbitmq_url, redis_client):
     queue, prefix, make_app, start = quorum
     app = make_app()
@@ -117,6 +144,7 @@ def test_quorum_queue_with_its_delivery_limit_and_dead_letters(quorum, rabbitmq_
     assert queues[queue + deadletter.SUFFIX][0] == "quorum"
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_task_loses_nothing(quorum, redis_client):
     queue, prefix, make_app, start = quorum
     app = make_app()
@@ -131,6 +159,7 @@ def test_a_worker_killed_mid_task_loses_nothing(quorum, redis_client):
     assert _dead(app) == []
 
 
+@pytest.mark.slow
 def test_garbage_is_set_aside_not_redelivered(quorum, rabbitmq_url, redis_client):
     queue, prefix, make_app, start = quorum
     app = make_app()
@@ -158,6 +187,7 @@ def test_garbage_is_set_aside_not_redelivered(quorum, rabbitmq_url, redis_client
     assert worker.log().count("kept as dead letter") == 2
 
 
+@pytest.mark.slow
 def test_a_message_that_kills_its_worker_ends_in_the_dead_letters(quorum, redis_client):
     """A poison message: each delivery kills the pool process; past the delivery limit RabbitMQ sets it aside."""
     queue, prefix, make_app, start = quorum
