@@ -55,6 +55,7 @@ from queue import Empty
 from time import time
 from typing import Any, Iterator, Mapping
 
+import redis as redis_py
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
@@ -76,6 +77,9 @@ CONSUMER = "flask_pymacaron_async.consumer:Consumer"
 _REDIS_SCHEMES = ("redis", "rediss")
 _SENTINEL_SCHEME = "sentinel"
 _TAKE_CMD, _WAIT_CMD, _BRPOP_CMD = "EVAL", "BLMOVE", "BRPOP"
+# Replies of a server that is not (or not yet) a master to write to: a
+# failover is under way, and another connection will find the master.
+_NOT_MASTER = ("READONLY", "UNBLOCKED", "MASTERDOWN")
 
 _JSON_KINDS = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
 
@@ -167,6 +171,26 @@ def broker_errors(connection: Any) -> tuple[type[BaseException], ...]:
     return tuple(e for e in errors if not issubclass(e, LookupError))
 
 
+def _master_connection(base: type[Any]) -> type[Any]:
+    """``base`` (a redis-py connection class) turning a ``READONLY`` reply into a lost connection.
+
+    A master demoted to a replica (a failover behind a DNS name, ``REPLICAOF``)
+    answers writes with ``READONLY``: kombu would stop the worker with an
+    "Unrecoverable error"; a lost connection makes it reconnect until it
+    finds a master. redis-py's Sentinel connections do the same for
+    ``sentinel://``.
+    """
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return base.read_response(self, *args, **kwargs)
+        except redis_py.ReadOnlyError as exc:
+            self.disconnect()
+            raise redis_py.ConnectionError(f"the broker is not a writable master: {one_line(exc)}") from exc
+
+    return type(f"Master{base.__name__}", (base,), {"read_response": read_response, "__module__": __name__})
+
+
 class QoS(redis.QoS):
     """kombu's Redis QoS, looking for abandoned messages at every sweep."""
 
@@ -202,6 +226,8 @@ class Channel(KombuRedisChannel):
     """kombu's Redis channel: messages taken atomically, refused ones dead-lettered, long delays kept aside."""
 
     QoS = QoS
+    connection_class = _master_connection(redis_py.Connection)
+    connection_class_ssl = _master_connection(redis_py.SSLConnection)
     #: Scan on every sweep (``broker_transport_options`` may set it).
     unacked_restore_throttle = 1
     #: Entries kept per queue in the dead letters (``PYMACARON_ASYNC_DEAD_LETTER_MAX``).
@@ -246,8 +272,6 @@ class Channel(KombuRedisChannel):
 
     def _pma_redis(self) -> Any:
         """A plain redis-py client on the channel's pool: it never adds ``global_keyprefix`` by itself."""
-        import redis as redis_py
-
         pool = self.pool
         cached = self.__dict__.get("_pma_plain")
         if cached is None or cached[0] is not pool:
@@ -566,6 +590,11 @@ class Channel(KombuRedisChannel):
                 self.client.connection.disconnect()
                 raise
             except self.ResponseError as exc:
+                if _not_master(exc):
+                    # A failover made this server a replica: reconnect,
+                    # through the Sentinels when there are.
+                    self.client.connection.disconnect()
+                    raise redis_py.ConnectionError(f"the broker is not a writable master: {one_line(exc)}") from exc
                 if sent == _BRPOP_CMD:
                     raise
                 # No Lua or no BLMOVE on this server after all: kombu's way.
@@ -663,6 +692,11 @@ class Channel(KombuRedisChannel):
             return None
 
 
+def _not_master(exc: BaseException) -> bool:
+    """Whether a Redis error reply means the server is not a master now (redis-py strips known codes)."""
+    return isinstance(exc, redis_py.ReadOnlyError) or str(exc).startswith(_NOT_MASTER)
+
+
 def _read(item: Any) -> tuple[Any, str | None]:
     """A queue item decoded as a message envelope, and why kombu could not use it (None when it can)."""
     try:
@@ -737,6 +771,9 @@ class SentinelChannel(Channel, redis.SentinelChannel):
     from_transport_options = tuple(
         dict.fromkeys((*Channel.from_transport_options, *redis.SentinelChannel.from_transport_options))
     )
+    # redis-py's Sentinel-managed connections (they reconnect on READONLY themselves).
+    connection_class = redis.SentinelChannel.connection_class
+    connection_class_ssl = redis.SentinelChannel.connection_class_ssl
 
 
 class SentinelTransport(Transport):

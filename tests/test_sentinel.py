@@ -21,7 +21,7 @@ from flask_pymacaron_async.cli import async_cli
 from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable
 from tests.conftest import BROKER_URL
-from tests.faults import SentinelSet, free_port, kill_tree, unique_queue, wait_for
+from tests.faults import RedisServer, SentinelSet, free_port, kill_tree, unique_queue, wait_for
 
 # PYMACARON_ASYNC_PUBLISH_TIMEOUT is 2 s by default; generous: other tests share the machine.
 BOUND = 2.0 + 3.0
@@ -105,8 +105,11 @@ def test_one_implementation_serves_redis_and_sentinel():
     for hook in KombuRedisChannel.HOOKS:
         assert hook not in vars(kombu_redis.SentinelChannel), hook
         assert getattr(channel, hook) is getattr(KombuRedisChannel, hook)
-    own = set(vars(transport.SentinelChannel)) - {"__module__", "__doc__", "__qualname__", "from_transport_options"}
-    assert not own - {"__firstlineno__", "__static_attributes__"}
+    # Its own: the options of both, and redis-py's Sentinel-managed connections.
+    own = set(vars(channel)) - {"__module__", "__doc__", "__qualname__", "__firstlineno__", "__static_attributes__"}
+    assert own == {"from_transport_options", "connection_class", "connection_class_ssl"}
+    assert channel.connection_class is kombu_redis.SentinelChannel.connection_class
+    assert transport.Channel.connection_class.__name__ == "MasterConnection"
     assert "master_name" in channel.from_transport_options and "min_replicas" in channel.from_transport_options
     assert transport.SentinelTransport.Channel is channel and transport.SentinelTransport.default_port == 26379
 
@@ -266,3 +269,39 @@ def test_min_replicas_not_reached_raises_within_the_timeout(deploy, sentinels):
     assert 0.4 < took < 1.0 + 3.0
     # The master has it: the error says it may run, and it does not vanish.
     assert sentinels.master.client().llen(queue) == 1
+
+
+# -- a master demoted under the worker ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_worker_whose_master_becomes_a_replica_reconnects(tmp_path, start_worker):
+    """``UNBLOCKED``/``READONLY`` from a demoted master: a lost connection, not an unrecoverable error."""
+    broker = RedisServer(tmp_path / "a", appendonly=False).start()
+    other = RedisServer(tmp_path / "b", appendonly=False).start()
+    try:
+        queue = unique_queue()
+        app = reliable.create_app(broker=broker.url, queue=queue, prefix="sent", reports=BROKER_URL)
+        env = {
+            "PMA_REL_BROKER_URL": broker.url,
+            "PMA_REL_QUEUE": queue,
+            "PMA_REL_PREFIX": "sent",
+            "PMA_REL_REPORT_URL": BROKER_URL,
+        }
+        worker = start_worker("tests.apps.reliable:celery", "--pool=solo", env=env, queue=queue)
+        reports = reliable_reports(app)
+        run = f"sent-demoted-{time.monotonic_ns()}"
+        with app.test_request_context("/before"):
+            reliable.count.delay(run, 1)
+        wait_for(lambda: reports.sismember(f"sent:{run}:done", 1), 15, what="a task before")
+        time.sleep(0.5)  # the worker waits on its queue again
+        broker.client().replicaof("127.0.0.1", other.port)
+        wait_for(lambda: "Connection to broker lost" in worker.log(), 15, what="the worker seeing the demotion")
+        broker.client().replicaof("NO", "ONE")
+        with app.test_request_context("/after"):
+            reliable.count.delay(run, 2)
+        wait_for(lambda: reports.sismember(f"sent:{run}:done", 2), 30, what="a task after the master is back")
+        assert worker.alive() and "Unrecoverable error" not in worker.log()
+    finally:
+        broker.stop()
+        other.stop()
