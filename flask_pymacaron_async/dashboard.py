@@ -123,16 +123,26 @@ def csrf_token() -> str:
 def check_csrf() -> None:
     """Refuse (400) a POST whose CSRF token is missing or wrong.
 
-    With Flask-WTF's CSRFProtect on the app, it has checked the request
-    already; otherwise the form's token must equal the session's.
+    With Flask-WTF's CSRFProtect on the app, its ``validate_csrf`` decides
+    (checked here too, so exempting the blueprint from CSRFProtect does not
+    exempt the actions); otherwise the form's token must equal the session's.
     """
-    if _flask_wtf():
-        return
-    expected = session.get(CSRF_SESSION_KEY)
     sent = request.form.get(csrf_field(), "")
-    if not isinstance(expected, str) or not hmac.compare_digest(expected.encode(), sent.encode()):
-        log.warning("Dashboard: refused a %s to %s with a missing or wrong CSRF token", request.method, request.path)
-        abort(400, description="The CSRF token is missing or wrong: reload the page and try again.")
+    if _flask_wtf():
+        from flask_wtf.csrf import validate_csrf
+        from wtforms.validators import ValidationError
+
+        try:
+            validate_csrf(sent)
+            return
+        except ValidationError:
+            pass
+    else:
+        expected = session.get(CSRF_SESSION_KEY)
+        if isinstance(expected, str) and hmac.compare_digest(expected.encode(), sent.encode()):
+            return
+    log.warning("Dashboard: refused a %s to %s with a missing or wrong CSRF token", request.method, request.path)
+    abort(400, description="The CSRF token is missing or wrong: reload the page and try again.")
 
 
 def actor() -> str:
