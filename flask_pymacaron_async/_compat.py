@@ -229,6 +229,14 @@ class KombuRedisChannel(kombu_redis.Channel):
         cycle._register_BRPOP(self)
 
 
+class KombuRedisQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, with its private record of delivered messages under a public name (kombu 5.2.0–5.7.0)."""
+
+    def forget_delivered(self) -> None:
+        """Forget every message delivered and not acknowledged (Redis keeps them unacknowledged)."""
+        self._delivered.clear()
+
+
 class KombuRedisTransport(kombu_redis.Transport):
     """kombu's Redis transport, with its private delivery hook under a public name (kombu 5.2.0–5.7.0)."""
 

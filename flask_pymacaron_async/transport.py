@@ -61,7 +61,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from . import deadletter
-from ._compat import KombuRedisChannel, KombuRedisTransport, pool_connection
+from ._compat import KombuRedisChannel, KombuRedisQoS, KombuRedisTransport, pool_connection
 from .errors import AsyncUnavailable, one_line
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def _master_connection(base: type[Any]) -> type[Any]:
     return type(f"Master{base.__name__}", (base,), {"read_response": read_response, "__module__": __name__})
 
 
-class QoS(redis.QoS):
+class QoS(KombuRedisQoS):
     """kombu's Redis QoS, looking for abandoned messages at every sweep."""
 
     channel: Channel
@@ -207,13 +207,62 @@ class QoS(redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
-        super().ack(delivery_tag)
+        if self._pma_closed(delivery_tag, "acknowledge"):
+            return
+        with self._freed_on_broker_error(delivery_tag):
+            super().ack(delivery_tag)
         self.channel.wake_poller()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
-        super().reject(delivery_tag, requeue=requeue)
+        if self._pma_closed(delivery_tag, "reject"):
+            return
+        with self._freed_on_broker_error(delivery_tag):
+            super().reject(delivery_tag, requeue=requeue)
         self.channel.wake_poller()
+
+    def restore_unacked(self, client: Any = None) -> None:
+        # Called when the channel closes, also after its broker went away
+        # (its connection half torn down): kombu would raise out of the
+        # worker's reconnection and stop it.
+        try:
+            super().restore_unacked(client)
+        except Exception as exc:  # whatever a closed transport raises: Redis keeps the messages
+            log.warning(
+                "Could not put the messages this worker held back on their queue (%s): they come back "
+                "after the visibility timeout",
+                one_line(exc),
+            )
+            self.forget_delivered()
+
+    def _pma_closed(self, delivery_tag: str, what: str) -> bool:
+        """Whether the channel's connection is closed (a reconnection under way); then forget the message here."""
+        if getattr(self.channel.connection, "client", None) is not None:
+            return False
+        log.warning(
+            "Could not %s message %s: its connection to the broker is closed; it stays unacknowledged "
+            "in Redis and runs again after the visibility timeout",
+            what,
+            delivery_tag,
+        )
+        virtual.QoS.ack(self, delivery_tag)
+        return True
+
+    @contextlib.contextmanager
+    def _freed_on_broker_error(self, delivery_tag: str) -> Iterator[None]:
+        """When the broker goes away during an ack or a reject, free the message's prefetch slot all the same.
+
+        kombu keeps the slot taken, and a worker whose slots are all taken
+        stops polling the broker: it would never notice the lost connection
+        (a master SIGKILLed under a busy worker, then a failover) and wait
+        forever. The message stays unacknowledged in Redis and comes back
+        after the visibility timeout; the error goes on to Celery, which logs it.
+        """
+        try:
+            yield
+        except self.channel.connection_errors:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         # kombu scans for messages a dead worker left unacknowledged on one

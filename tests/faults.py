@@ -169,7 +169,14 @@ class SentinelSet:
     every process it started, by pid.
     """
 
-    def __init__(self, directory: Path, replicas: int = 0, sentinels: int = 1, master_name: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        replicas: int = 0,
+        sentinels: int = 1,
+        master_name: str | None = None,
+        down_after_ms: int = 1000,
+    ) -> None:
         self.master_name = master_name or f"pma-{uuid.uuid4().hex[:8]}"
         self.master = RedisServer(directory / "master", appendonly=False)
         self.replicas = [
@@ -178,7 +185,13 @@ class SentinelSet:
         ]
         quorum = sentinels // 2 + 1
         self.sentinels = [
-            Sentinel(directory / f"sentinel-{i}", self.master.port, self.master_name, quorum=quorum)
+            Sentinel(
+                directory / f"sentinel-{i}",
+                self.master.port,
+                self.master_name,
+                quorum=quorum,
+                down_after_ms=down_after_ms,
+            )
             for i in range(sentinels)
         ]
         self.url = ";".join(s.url for s in self.sentinels)
@@ -209,6 +222,15 @@ class SentinelSet:
             if int(fields["num-slaves"]) < len(self.replicas):
                 return False
         return True
+
+    def agreed_master_port(self) -> int | None:
+        """The port of the master every running Sentinel names, when they agree."""
+        ports = set()
+        for sentinel in self.sentinels:
+            if sentinel.alive():
+                address = sentinel.client().sentinel_get_master_addr_by_name(self.master_name)
+                ports.add(int(address[1]) if address else None)
+        return ports.pop() if len(ports) == 1 else None
 
     def master_port(self) -> int | None:
         """The port of the master the Sentinels name now (None when they name none)."""
