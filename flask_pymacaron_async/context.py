@@ -8,8 +8,10 @@ A snapshot is a small dict::
 
 It travels in the message header :data:`HEADER`, signed for that message
 (:class:`ContextSigner`): the signature covers the task name, the task id and
-the encoded body too. In the worker, :func:`pushed` pushes a fresh app context and a request context built from
-``env`` (no ``test_request_context``: the environ is a plain dict copy).
+the encoded body too. What travels is compact (:meth:`ContextSigner.payload`):
+no ``app`` (the worker has its own), no usual values, short names. In the
+worker, :func:`pushed` pushes a fresh app context and a request context built
+from ``env`` (no ``test_request_context``: the environ is a plain dict copy).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
@@ -110,16 +113,22 @@ class ContextSigner:
 
     @staticmethod
     def payload(snapshot: dict[str, Any]) -> str:
-        """The snapshot as the JSON text a token carries, stamped with the signing time.
+        """The snapshot as the text a token carries, stamped with the signing time.
 
         Environ values that are the usual ones, and the request id written
-        twice, are left out (:func:`_expand` puts them back when it is read).
+        twice, are left out, headers go by their lower-case names
+        (``accept_language`` for ``HTTP_ACCEPT_LANGUAGE``), and the JSON text
+        has its two quote characters exchanged (``{'user':7}``), so that it
+        sits in the message's JSON envelope without an escape before every
+        quote. :func:`_load` reads it back as taken, and reads the plain JSON
+        of older senders too.
         """
-        return json.dumps({**_compact(snapshot), "ts": int(time.time())}, separators=(",", ":"))
+        text = json.dumps({**_compact(snapshot), "ts": int(time.time())}, separators=(",", ":"))
+        return text.translate(_SWAP_QUOTES)
 
     def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
         """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``."""
-        return f"{payload}.{_mac(self._keys[0], payload, task_name, task_id, body)}"
+        return f"{payload}.{_encoded(_mac(self._keys[0], payload, task_name, task_id, body)[:_TAG_BYTES])}"
 
     def verify(
         self,
@@ -138,7 +147,12 @@ class ContextSigner:
             (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
         """
         payload, signature = _split(token)
-        if not any(hmac.compare_digest(signature, _mac(key, payload, task_name, task_id, body)) for key in self._keys):
+        # Tokens of senders before 0.3 carry the whole HMAC; a shorter one is its first 128 bits.
+        size = None if len(signature) > _TAG_CHARS else _TAG_BYTES
+        if not any(
+            hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body)[:size]))
+            for key in self._keys
+        ):
             raise ContextError(
                 "the context snapshot's signature does not match this message (tampered, moved from another "
                 "message, or signed with a key this worker does not have: see SECRET_KEY_FALLBACKS)"
@@ -173,20 +187,35 @@ def _derive(secret_key: str | bytes) -> bytes:
     return hashlib.sha256(b"flask-pymacaron-async.context\0" + secret_key).digest()
 
 
-def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+# A token's signature is the HMAC-SHA256 truncated to 128 bits (RFC 2104's
+# rule: at least half the hash's length), 22 characters of base64.
+_TAG_BYTES = 16
+_TAG_CHARS = 22
+# Task names and ids that json.dumps writes as they are: no quote, backslash or control character.
+_PLAIN_NAME = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
+
+
+def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str) -> bytes:
     if isinstance(body, str):
         body = body.encode("utf-8")
     # Newline-separated: JSON text never holds a raw newline, so no two
     # messages give the same input; the body digest has a fixed length.
+    if _PLAIN_NAME.fullmatch(task_name) and _PLAIN_NAME.fullmatch(task_id):
+        names = f'["{task_name}", "{task_id}"]'  # what json.dumps writes, without its cost
+    else:
+        names = json.dumps([task_name, task_id])
     message = b"\n".join(
         (
             payload.encode("utf-8", "surrogateescape"),
-            json.dumps([task_name, task_id]).encode("utf-8", "surrogateescape"),
+            names.encode("utf-8", "surrogateescape"),
             hashlib.sha256(body).digest(),
         )
     )
-    digest = hmac.new(key, message, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _encoded(tag: bytes) -> str:
+    return base64.urlsafe_b64encode(tag).rstrip(b"=").decode("ascii")
 
 
 def _split(token: Any) -> tuple[str, str]:
@@ -202,6 +231,8 @@ def _split(token: Any) -> tuple[str, str]:
 
 
 def _load(payload: str) -> dict[str, Any]:
+    if payload[1:2] == "'":  # written by ContextSigner.payload since 0.3: the quotes exchanged
+        payload = payload.translate(_SWAP_QUOTES)
     try:
         snapshot = json.loads(payload)
     except ValueError as exc:
@@ -221,6 +252,23 @@ _USUAL = {
     "wsgi.url_scheme": "http",
 }
 _MISSING = object()
+_SWAP_QUOTES = str.maketrans({'"': "'", "'": '"'})
+# In a payload, the WSGI keys go by HTTP/2's pseudo-header names (no header
+# name holds a colon), the headers by their lower-case names
+# (``HTTP_USER_AGENT`` as ``user_agent``), anything else as it is.
+_URL_SCHEME = "wsgi.url_scheme"
+_PSEUDO = {
+    "REQUEST_METHOD": ":method",
+    "SCRIPT_NAME": ":script",
+    "PATH_INFO": ":path",
+    "QUERY_STRING": ":query",
+    "SERVER_NAME": ":server",
+    "SERVER_PORT": ":port",
+    "SERVER_PROTOCOL": ":protocol",
+    "REMOTE_ADDR": ":remote",
+    _URL_SCHEME: ":scheme",
+}
+_FROM_PSEUDO = {short: key for key, short in _PSEUDO.items()}
 
 
 def _host_name(host: Any) -> str | None:
@@ -236,8 +284,28 @@ def _default_port(env: dict[str, Any]) -> str:
     return "443" if env.get("wsgi.url_scheme", "http") == "https" else "80"
 
 
+def _short_key(key: str) -> str:
+    """The name of an environ key in a payload: ``:path``, ``accept_language``, or the key itself."""
+    pseudo = _PSEUDO.get(key)
+    if pseudo is not None:
+        return pseudo
+    if not key.startswith("HTTP_"):
+        return key
+    short = key[5:].lower()
+    return short if short != key[5:] and short != _URL_SCHEME else key
+
+
+def _long_key(key: str) -> str:
+    """The environ key of a name in a payload (see :func:`_short_key`); whole payloads' keys are kept."""
+    environ_key = _FROM_PSEUDO.get(key)
+    if environ_key is not None:
+        return environ_key
+    return key if key == key.upper() or key == _URL_SCHEME else f"HTTP_{key.upper()}"
+
+
 def _compact(snapshot: dict[str, Any]) -> dict[str, Any]:
     """``snapshot`` without what :func:`_expand` can put back exactly."""
+    snapshot = {k: v for k, v in snapshot.items() if k != "app"}  # the worker has its own
     env = snapshot.get("env")
     if not env:
         return snapshot
@@ -246,7 +314,7 @@ def _compact(snapshot: dict[str, Any]) -> dict[str, Any]:
         del short["SERVER_NAME"]
     if short.get("SERVER_PORT") == _default_port(env):
         del short["SERVER_PORT"]
-    compact = {**snapshot, "env": short}
+    compact = {**snapshot, "env": {_short_key(k): v for k, v in short.items()}}
     if "rid" in compact and compact["rid"] == env.get(_REQUEST_ID):
         del compact["rid"]
     return compact
@@ -257,7 +325,7 @@ def _expand(snapshot: dict[str, Any]) -> dict[str, Any]:
     env = snapshot.get("env")
     if not env:
         return snapshot
-    full = {**_USUAL, **env}
+    full = {**_USUAL, **{_long_key(k): v for k, v in env.items()}}
     full.setdefault("SERVER_PORT", _default_port(full))
     full.setdefault("SERVER_NAME", _host_name(full.get("HTTP_HOST")) or "localhost")
     expanded = {**snapshot, "env": full}

@@ -65,7 +65,10 @@ class CapturedTask:
         signer = task.pma_state.signer
         token = signer.sign(payload, task.name, task_id, body)
         #: The verified context snapshot: ``app``, ``rid``, ``user``, ``env``.
-        self.snapshot: dict[str, Any] = signer.verify(token, task.name, task_id, body)
+        self.snapshot: dict[str, Any] = {
+            "app": task.pma_state.import_name,  # not in the message: the worker has its own
+            **signer.verify(token, task.name, task_id, body),
+        }
 
     @property
     def app(self) -> Flask:

@@ -11,6 +11,8 @@ from flask import g
 
 from tests.apps import basic
 
+_SWAP = str.maketrans({'"': "'", "'": '"'})
+
 
 def test_request_context_rebuilt_in_worker(client, module_worker, reports, unique):
     client.post(
@@ -68,7 +70,7 @@ def test_headers_allowlist_can_carry_authorization(broker_url):
     from flask_pymacaron_async import context
 
     with app.test_request_context("/", headers={"Authorization": "Bearer ok"}):
-        snapshot = json.loads(context.take(state))
+        snapshot = context.ContextSigner.decode(f"{context.take(state)}.sig")
     assert snapshot["env"]["HTTP_AUTHORIZATION"] == "Bearer ok"
 
 
@@ -180,8 +182,52 @@ def test_a_snapshot_travels_compact_and_is_read_back_whole(env):
     assert get_current_url(read["env"]) == get_current_url(env)
     assert read["env"]["REQUEST_METHOD"] == env["REQUEST_METHOD"]
     if env["HTTP_X_REQUEST_ID"] == "r-1":
-        assert "SERVER_PROTOCOL" not in payload and "rid" not in json.loads(payload)
+        assert "SERVER_PROTOCOL" not in payload and "rid" not in json.loads(payload.translate(_SWAP))
         assert len(payload) < len(json.dumps(snapshot, separators=(",", ":"))) - 150
+        # No escape for the envelope's JSON to add before the payload's quotes, nor for the JSON text
+        # in the payload (a header value with both quote characters is read back exactly).
+        assert '"' not in payload and json.dumps(payload)[1:-1] == payload
+
+
+def test_a_payload_reads_back_every_key_and_value_exactly():
+    """Quotes, backslashes and non-ASCII in values; header names that look like the payload's short names."""
+    from flask_pymacaron_async.context import ContextSigner
+
+    env = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/caf\u00e9/it's",
+        "QUERY_STRING": 'q="a\\b"',
+        "REMOTE_ADDR": "::1",
+        "HTTP_HOST": "h:8080",
+        "wsgi.url_scheme": "https",
+        "HTTP_USER_AGENT": 'say "hi" it\'s \\ me',
+        "HTTP_WSGI.URL_SCHEME": "a header named like the WSGI key",
+        "HTTP_1_2": "a header named with digits only",
+        "HTTP_X_REQUEST_ID": "r-9",
+        "CONTENT_TYPE": "text/plain",
+    }
+    snapshot = {"app": "a", "rid": "r-9", "user": {"name": 'O\'Hara "Q"'}, "env": env}
+    signer = ContextSigner("k")
+    read = signer.verify(signer.sign(ContextSigner.payload(snapshot), "t", "id", b"b"), "t", "id", b"b")
+    assert read["user"] == snapshot["user"] and read["rid"] == "r-9"
+    assert {k: read["env"][k] for k in env} == env
+
+
+def test_a_token_of_an_older_sender_verifies():
+    """Before 0.3 a token carried plain JSON and the whole HMAC: a worker of this version still accepts it."""
+    from flask_pymacaron_async import context
+
+    signer = context.ContextSigner("k")
+    payload = json.dumps({"app": "a", "rid": "r", "user": 1, "env": {"PATH_INFO": "/old"}, "ts": 1})
+    digest = context._mac(context._derive("k"), payload, "t", "id", b"body")
+    whole = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    assert len(whole) == 43
+    assert signer.verify(f"{payload}.{whole}", "t", "id", b"body")["env"]["PATH_INFO"] == "/old"
+    # The current token: a 128-bit tag, 22 characters.
+    token = signer.sign(context.ContextSigner.payload({"user": 1, "env": None}), "t", "id", b"body")
+    assert len(token.rpartition(".")[2]) == 22
+    with pytest.raises(context.ContextError, match="does not match"):
+        signer.verify(f"{payload}.{whole[:-1]}", "t", "id", b"body")
 
 
 def test_a_whole_snapshot_from_an_older_sender_is_read_as_before():
