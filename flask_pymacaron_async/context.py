@@ -211,7 +211,7 @@ def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | s
             hashlib.sha256(body).digest(),
         )
     )
-    return hmac.new(key, message, hashlib.sha256).digest()
+    return hmac.digest(key, message, "sha256")
 
 
 def _encoded(tag: bytes) -> str:

@@ -28,14 +28,13 @@ import base64
 import contextlib
 import logging
 import threading
-import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request
 from kombu.serialization import dumps, loads
 
-from . import _compat, commit, context, runner, serialization, signals, tracing
+from . import _compat, commit, context, ids, runner, serialization, signals, tracing
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
@@ -152,7 +151,7 @@ class Publisher:
                 return held
         pending: list[Call] | None = getattr(_BATCH, "calls", None)
         if pending is not None:
-            task_id = options.setdefault("task_id", str(uuid.uuid4()))
+            task_id = options.setdefault("task_id", ids.uuid4())
             pending.append((self, task, context.take(self.state), args, kwargs, options))
             return task.AsyncResult(task_id)
         return self.send(task, context.take(self.state), args, kwargs, options, encoded)
@@ -295,7 +294,7 @@ class Publisher:
         if not has_app_context():
             return None
         session = commit.current_session(self.state.app, getattr(self.state.ext, "session_getter", None))
-        task_id = options.setdefault("task_id", str(uuid.uuid4()))
+        task_id = options.setdefault("task_id", ids.uuid4())
         payload = context.take(self.state)
         if not commit.hold(session, lambda: self.send_later(task, payload, args, kwargs, options)):
             return None
@@ -316,7 +315,7 @@ class Publisher:
         if held is None:
             held = environ[_HELD_KEY] = []
             after_this_request(self._after_response)
-        task_id = options.setdefault("task_id", str(uuid.uuid4()))
+        task_id = options.setdefault("task_id", ids.uuid4())
         context.request_snapshot(self.state)  # taken now, as an immediate call would
         held.append((task, args, kwargs, options))
         return task.AsyncResult(task_id)
@@ -359,7 +358,7 @@ class Publisher:
     ) -> EagerResult:
         """Run a call in this process, through the same path as in the worker (signed, checked, decoded)."""
         state = self.state
-        task_id = str(uuid.uuid4())
+        task_id = ids.uuid4()
         token = state.signer.sign(payload, task.name, task_id, encoded)
         snapshot = state.signer.verify(token, task.name, task_id, encoded)
         args, kwargs = serialization.loads(encoded)
@@ -372,6 +371,10 @@ class Publisher:
 _COPYABLE_OPTIONS = frozenset(
     {"task_id", "retry", "headers", "queue", "routing_key", "exchange", "priority", "producer"}
 )
+
+
+# The headers of a batch copy that are its own (the rest are its template's).
+_HEADER_SLOTS = ("id", "root_id", "argsrepr", "kwargsrepr", context.HEADER)
 
 
 class _Copier:
@@ -430,10 +433,10 @@ class _Copier:
         shape = self._shape(task, options)
         if shape is None or shape in self.templates:
             return
-        found = self.channel.pma_template(mark)
+        found = self.channel.pma_template(mark, _HEADER_SLOTS)
         if found is None:
             return
-        _keys, message = found
+        message = found.message
         headers = message["headers"]
         if headers.get("eta") or headers.get("expires") or headers.get("group") or headers.get("chord"):
             return
@@ -458,16 +461,14 @@ class _Copier:
         if template is None:
             return None
         found, embed, root_is_id = template
-        message = found[1]
         task_id = options["task_id"]
         _, _, body = dumps((args, kwargs, embed), serializer=self.serializer)
         body_bytes = body.encode("utf-8") if isinstance(body, str) else body
         argsrepr, kwargsrepr = _compat.task_reprs(self.amqp, args, kwargs)
-        headers = {**message["headers"], "id": task_id, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}
-        if root_is_id:
-            headers["root_id"] = task_id
-        headers[context.HEADER] = self.publisher.state.signer.sign(payload, task.name, task_id, body_bytes)
-        self.channel.pma_put_like(found, body_bytes, headers, task_id)
+        root_id = task_id if root_is_id else found.message["headers"]["root_id"]
+        signed = self.publisher.state.signer.sign(payload, task.name, task_id, body_bytes)
+        # In the order of _HEADER_SLOTS.
+        self.channel.pma_put_like(found, body_bytes, (task_id, root_id, argsrepr, kwargsrepr, signed), task_id)
         if self.parent:
             result = task.AsyncResult(task_id)
             result.ignored = True

@@ -21,6 +21,7 @@ the current request), and the running task's id; ``"-"`` when there is none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
 from typing import Any, Iterator
@@ -44,19 +45,34 @@ def request_id_of(environ: dict[str, Any]) -> str:
     return str(found)
 
 
-def _opentelemetry() -> Any:
-    """OpenTelemetry's API, or None when it is not installed or its Celery instrumentation does the work."""
+@functools.cache
+def _opentelemetry_api() -> Any:
+    """OpenTelemetry's ``propagate`` and ``trace``, imported once; None when it is not installed."""
     try:
         from opentelemetry import propagate, trace
     except ImportError:
         return None
+    return propagate, trace
+
+
+@functools.cache
+def _celery_instrumentor() -> Any:
     try:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
     except ImportError:
-        return propagate, trace
-    if CeleryInstrumentor().is_instrumented_by_opentelemetry:
         return None
-    return propagate, trace
+    return CeleryInstrumentor()
+
+
+def _opentelemetry() -> Any:
+    """OpenTelemetry's API, or None when it is not installed or its Celery instrumentation does the work."""
+    api = _opentelemetry_api()
+    if api is None:
+        return None
+    instrumentor = _celery_instrumentor()
+    if instrumentor is not None and instrumentor.is_instrumented_by_opentelemetry:
+        return None
+    return api
 
 
 def trace_headers() -> dict[str, str]:

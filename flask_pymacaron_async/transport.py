@@ -51,16 +51,17 @@ import json
 import logging
 import weakref
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from queue import Empty
 from time import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import redis as redis_py
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import deadletter
+from . import deadletter, ids
 from ._compat import KombuRedisChannel, KombuRedisQoS, KombuRedisTransport, pool_connection
 from .errors import AsyncUnavailable, one_line
 
@@ -384,12 +385,13 @@ class Channel(KombuRedisChannel):
         """Where the next command of the :meth:`pma_collecting` block will go (see :meth:`pma_template`)."""
         return len(self._pma_collected or ())
 
-    def pma_template(self, mark: int) -> tuple[list[str], dict[str, Any]] | None:
+    def pma_template(self, mark: int, header_slots: tuple[str, ...]) -> Template | None:
         """The message published since ``mark`` and the lists it went to, when it can serve as a template.
 
         Only a message pushed at once (no delayed set) and base64-encoded, as
         this transport encodes bodies, can: :meth:`pma_put_like` then sends
-        copies of it with another body and headers.
+        copies of it with another body, correlation id, delivery tag and
+        values of the ``header_slots`` headers.
         """
         collected = self._pma_collected
         if not collected or mark >= len(collected):
@@ -400,33 +402,43 @@ class Channel(KombuRedisChannel):
         message = loads(entries[0][1][1])
         if message.get("properties", {}).get("body_encoding") != "base64":
             return None
-        return [args[0] for _name, args in entries], message
+        if not isinstance(message.get("headers"), dict) or not set(header_slots) <= message["headers"].keys():
+            return None
+        return Template([args[0] for _name, args in entries], message, _frame(message, header_slots))
 
     def pma_put_like(
-        self, template: tuple[list[str], dict[str, Any]], body: bytes, headers: dict[str, Any], correlation_id: str
+        self, template: Template, body: bytes, header_values: tuple[Any, ...], correlation_id: str
     ) -> None:
-        """Collect a copy of ``template``'s message with this body and headers, to the same lists.
+        """Collect a copy of ``template``'s message with this body and header values, to the same lists.
 
         Everything else is the template's, except what kombu makes anew per
-        message: the delivery tag.
+        message: the delivery tag. The copy is the text kombu would encode
+        for it: the template's text, with the changed values encoded in
+        their places.
         """
-        keys, message = template
-        properties = {
-            **message["properties"],
-            "correlation_id": correlation_id,
-            "delivery_tag": self.pma_delivery_tag(),
-        }
-        data = dumps(
-            {**message, "body": base64.b64encode(body).decode("ascii"), "headers": headers, "properties": properties}
+        values = (
+            base64.b64encode(body).decode("ascii"),
+            *header_values,
+            correlation_id,
+            ids.uuid4(),  # kombu's delivery tags are uuid4 text too
         )
+        pieces = template.pieces
+        parts = [pieces[0]]
+        for value, piece in zip(values, pieces[1:]):
+            # kombu's JSON is ensure_ascii: a string is what encode_basestring_ascii writes.
+            parts.append(encode_basestring_ascii(value) if type(value) is str else json.dumps(value))
+            parts.append(piece)
+        data = "".join(parts)
         assert self._pma_collected is not None
-        self._pma_collected.extend(("lpush", (key, data)) for key in keys)
+        self._pma_collected.extend(("lpush", (key, data)) for key in template.keys)
 
     @contextlib.contextmanager
     def pma_collecting(self) -> Iterator[None]:
         """Hold what this channel publishes in the block, then send it all in one round trip.
 
-        One ``MULTI``/``EXEC`` pipeline: the messages reach their queues all
+        The messages of one list go in one ``LPUSH`` of many values (in the
+        order published: the first is taken first); several commands go in
+        one ``MULTI``/``EXEC``. Either way the messages reach their queues all
         together, or none does. Nested blocks join the outer one; a block
         that raises sends nothing.
         """
@@ -440,13 +452,19 @@ class Channel(KombuRedisChannel):
         finally:
             self._pma_collected = None
             self._pma_tables.clear()
-        if not collected:
+        commands = _merged(collected)
+        if not commands:
             return
         if self.min_replicas:
-            self._pma_replicated(collected)
+            self._pma_replicated(commands)
             return
-        with self._pma_redis().pipeline(transaction=True) as pipe:
-            for name, command_args in collected:
+        client = self._pma_redis()
+        if len(commands) == 1:
+            name, command_args = commands[0]
+            getattr(client, name)(*command_args)
+            return
+        with client.pipeline(transaction=True) as pipe:
+            for name, command_args in commands:
                 getattr(pipe, name)(*command_args)
             pipe.execute()
 
@@ -744,6 +762,53 @@ class Channel(KombuRedisChannel):
 def _not_master(exc: BaseException) -> bool:
     """Whether a Redis error reply means the server is not a master now (redis-py strips known codes)."""
     return isinstance(exc, redis_py.ReadOnlyError) or str(exc).startswith(_NOT_MASTER)
+
+
+def _merged(commands: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """``commands`` with the ``LPUSH`` es of each list merged into one, where the list first appears."""
+    merged: list[tuple[str, list[Any]]] = []
+    pushes: dict[Any, list[Any]] = {}
+    for name, command_args in commands:
+        if name != "lpush":
+            merged.append((name, list(command_args)))
+            continue
+        push = pushes.get(command_args[0])
+        if push is None:
+            push = pushes[command_args[0]] = [command_args[0]]
+            merged.append((name, push))
+        push.extend(command_args[1:])
+    return [(name, tuple(command_args)) for name, command_args in merged]
+
+
+class Template(NamedTuple):
+    """A collected message that others of a batch are copies of (see :meth:`Channel.pma_template`)."""
+
+    #: The Redis lists it went to.
+    keys: list[str]
+    #: The message, decoded.
+    message: dict[str, Any]
+    #: Its encoded text, cut where a copy's own values go: body, header slots, correlation id, delivery tag.
+    pieces: tuple[str, ...]
+
+
+def _frame(message: dict[str, Any], header_slots: tuple[str, ...]) -> tuple[str, ...]:
+    """The text of ``message`` as kombu encodes it, cut around the values a copy changes."""
+    marks = [f"\0pma-slot-{i}\0" for i in range(len(header_slots) + 3)]
+    body_mark, *header_marks, correlation_mark, tag_mark = marks
+    marked = {
+        **message,
+        "body": body_mark,
+        "headers": {**message["headers"], **dict(zip(header_slots, header_marks))},
+        "properties": {**message["properties"], "correlation_id": correlation_mark, "delivery_tag": tag_mark},
+    }
+    text = dumps(marked)
+    pieces: list[str] = []
+    for mark in marks:
+        before, found, text = text.partition(json.dumps(mark))
+        if not found:
+            raise ValueError(f"kombu encoded {mark!r} otherwise than json.dumps")
+        pieces.append(before)
+    return (*pieces, text)
 
 
 def _read(item: Any) -> tuple[Any, str | None]:
