@@ -147,7 +147,7 @@ class ContextSigner:
             (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
         """
         payload, signature = _split(token)
-        # Tokens of senders before 0.3 carry the whole HMAC; a shorter one is its first 128 bits.
+        # Tokens of earlier senders carry the whole HMAC; a shorter one is its first 128 bits.
         size = None if len(signature) > _TAG_CHARS else _TAG_BYTES
         if not any(
             hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body)[:size]))
@@ -231,7 +231,7 @@ def _split(token: Any) -> tuple[str, str]:
 
 
 def _load(payload: str) -> dict[str, Any]:
-    if payload[1:2] == "'":  # written by ContextSigner.payload since 0.3: the quotes exchanged
+    if payload[1:2] == "'":  # written by ContextSigner.payload: the quotes exchanged
         payload = payload.translate(_SWAP_QUOTES)
     try:
         snapshot = json.loads(payload)

@@ -214,7 +214,7 @@ def test_a_payload_reads_back_every_key_and_value_exactly():
 
 
 def test_a_token_of_an_older_sender_verifies():
-    """Before 0.3 a token carried plain JSON and the whole HMAC: a worker of this version still accepts it."""
+    """Earlier senders wrote plain JSON and the whole HMAC: a worker of this version still accepts their tokens."""
     from flask_pymacaron_async import context
 
     signer = context.ContextSigner("k")
