@@ -28,7 +28,7 @@ import base64
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request
@@ -393,7 +393,8 @@ class _Copier:
     backend subscribes per call); the app's serializer, no compression,
     protocol 2; nothing connected to Celery's ``before_task_publish`` /
     ``after_task_publish`` (OpenTelemetry's instrumentation, say), no
-    ``task-sent`` events. tests/test_batch.py checks that a copy is the
+    ``task-sent`` events, no router in ``task_routes`` (a router may route
+    calls of one task by their arguments; routes by task name are fine). tests/test_batch.py checks that a copy is the
     message Celery builds for the same call.
     """
 
@@ -416,7 +417,7 @@ class _Copier:
             return None
         if conf.task_compression or conf.task_protocol != 2:
             return None
-        if _compat.publish_signals_connected():
+        if _compat.publish_signals_connected() or not _routes_by_name(conf.task_routes):
             return None
         return cls(publisher, channel)
 
@@ -474,6 +475,19 @@ class _Copier:
             result.ignored = True
             self.parent.add_trail(result)
         return str(task_id)
+
+
+def _routes_by_name(routes: Any) -> bool:
+    """Whether Celery's ``task_routes`` route a call by its task's name alone (mappings), not by a router.
+
+    A router (a function, or the name of one) may send calls of one task
+    with other arguments to other queues: a copy would go where its template went.
+    """
+    if not routes:
+        return True
+    if isinstance(routes, Mapping):
+        return True
+    return isinstance(routes, (list, tuple)) and all(isinstance(route, Mapping) for route in routes)
 
 
 def is_connection_error(exc: BaseException) -> bool:

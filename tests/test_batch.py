@@ -93,6 +93,23 @@ def test_a_batch_to_several_queues_is_one_transaction(server):
     client.delete(other)
 
 
+def test_a_batch_routed_by_its_arguments_sends_each_call_where_celery_routes_it(server):
+    """A router may send calls of one task to other queues by their arguments: no copy of another call's message."""
+    queue = unique_queue()
+    odd = f"{queue}-odd"
+    app = reliable.create_app(broker=server.url, queue=queue)
+
+    def by_parity(name, args, kwargs, options, task=None, **kw):
+        return {"queue": odd} if args[1] % 2 else None
+
+    app.extensions["pymacaron_async"].celery.conf.task_routes = (by_parity,)
+    with app.test_request_context("/fan-out"), reliable.ext.batch():
+        ids = [reliable.count.delay("fan", n).id for n in range(6)]
+    assert [m["headers"]["id"] for m in reversed(_queued(server, queue))] == ids[0::2]
+    assert [m["headers"]["id"] for m in reversed(_queued(server, odd))] == ids[1::2]
+    server.client().delete(odd)
+
+
 def test_after_response_publishes_when_the_response_is_closed_in_one_pipeline(server):
     queue = unique_queue()
     app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="after_response")
