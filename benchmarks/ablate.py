@@ -74,7 +74,7 @@ def _patch(variant: str) -> None:
     if "no_result" in steps:
         ContextTask.AsyncResult = lambda self, task_id, **kwargs: None  # type: ignore[assignment,method-assign]
     if "no_uuid" in steps:
-        publish.uuid = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[assignment]
+        publish.ids = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[assignment]
 
 
 def _cache_clients() -> None:
