@@ -72,7 +72,8 @@ def _patch(variant: str) -> None:
     if "no_check" in steps:
         serialization.check_arguments = lambda *args: ""  # type: ignore[assignment]
     if "no_result" in steps:
-        ContextTask.AsyncResult = lambda self, task_id, **kwargs: None  # type: ignore[assignment,method-assign]
+        # Publishing reads the id of what apply_async returns.
+        ContextTask.AsyncResult = lambda self, task_id, **kwargs: types.SimpleNamespace(id=task_id)  # type: ignore[assignment,method-assign]
     if "no_uuid" in steps:
         publish.ids = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[assignment]
 
