@@ -110,7 +110,10 @@ def main() -> None:
             f"{label:<12} {replicas:>12} {call * 1e6:>11.0f} µs {added_call * 1e6:>+7.0f} µs "
             f"{batch * 1e3:>9.2f} ms {added_batch * 1e3:>+7.2f} ms"
         )
-    print(f"\n{args.rounds} rounds of {args.calls} calls; medians. Master, replica and Sentinel on this machine (loopback).")
+    print(
+        f"\n{args.rounds} rounds of {args.calls} calls; medians. "
+        "Master, replica and Sentinel on this machine (loopback)."
+    )
 
 
 if __name__ == "__main__":
