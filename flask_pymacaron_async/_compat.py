@@ -134,8 +134,9 @@ class KombuRedisChannel(kombu_redis.Channel):
 
     ``transport.SentinelChannel`` puts kombu's ``SentinelChannel`` after this
     class in its MRO: kombu's Sentinel channel overrides none of these hooks,
-    only how the connection pool is made (``_get_pool``) and, from kombu 5.7,
-    the fanout topics (checked on kombu 5.2.0, 5.2.4 and 5.7.0;
+    only how the connection pool is made (``_get_pool``, which this class
+    maps to :meth:`make_pool`, kombu's own still called) and, from kombu
+    5.7, the fanout topics (checked on kombu 5.2.0, 5.2.4 and 5.7.0;
     ``tests/test_sentinel.py`` checks it on the installed kombu).
     """
 
@@ -160,6 +161,13 @@ class KombuRedisChannel(kombu_redis.Channel):
     def _create_client(self, asynchronous: bool = False) -> Any:
         return self.make_client(asynchronous)
 
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        return self.make_pool(asynchronous)
+
+    def make_pool(self, asynchronous: bool = False) -> Any:
+        """The redis-py connection pool of the channel (kombu's ``_get_pool``, 5.2.0–5.7.0)."""
+        return self.kombu_make_pool(asynchronous)
+
     # kombu's own versions.
 
     def kombu_put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -170,6 +178,9 @@ class KombuRedisChannel(kombu_redis.Channel):
 
     def kombu_create_client(self, asynchronous: bool = False) -> Any:
         return super()._create_client(asynchronous=asynchronous)
+
+    def kombu_make_pool(self, asynchronous: bool = False) -> Any:
+        return super()._get_pool(asynchronous=asynchronous)
 
     # kombu's private state, read and written under public names.
 

@@ -889,6 +889,39 @@ class SentinelChannel(Channel, redis.SentinelChannel):
     connection_class = redis.SentinelChannel.connection_class
     connection_class_ssl = redis.SentinelChannel.connection_class_ssl
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pma_sentinels: list[Any] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            # kombu checks the connection in its constructor: no master, no channel to close later.
+            self._pma_close_sentinels()
+            raise
+
+    def make_pool(self, asynchronous: bool = False) -> Any:
+        pool = self.kombu_make_pool(asynchronous)
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is not None:
+            self._pma_sentinels.append(manager)
+        return pool
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._pma_close_sentinels()
+
+    def _pma_close_sentinels(self) -> None:
+        """Close the connections to the Sentinels of every pool this channel made.
+
+        kombu before 5.7 leaves them open (celery/kombu#1108): each attempt
+        to connect while no master answers would leave a socket behind.
+        """
+        managers, self._pma_sentinels = self._pma_sentinels, []
+        for manager in managers:
+            for client in manager.sentinels:
+                client.connection_pool.disconnect()
+
 
 class SentinelTransport(Transport):
     """:class:`Transport` for ``sentinel://`` broker URLs."""
