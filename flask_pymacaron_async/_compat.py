@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import ctx as flask_ctx
+from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 
 if TYPE_CHECKING:
@@ -276,6 +277,51 @@ def _monotonic() -> float:
     from time import monotonic
 
     return monotonic()
+
+
+class KombuConnection(kombu_connection.Connection):
+    """kombu's ``Connection``, keeping the transport it was given when it moves to the next URL of a list.
+
+    With a broker URL listing several hosts (``sentinel://a;sentinel://b``),
+    kombu's ``switch`` (called when a connection fails) takes the transport
+    from the next URL's scheme, dropping the one given at construction: a
+    connection of :class:`~flask_pymacaron_async.transport.SentinelTransport`
+    became one of kombu's own Sentinel transport, without the dead letters,
+    the atomic take or ``min_replicas``. The body is kombu's ``switch``
+    (kombu 5.2.0–5.7.0) without that override; a connection given no
+    transport behaves as kombu's.
+    """
+
+    def switch(self, conn_str: str) -> None:
+        transport = self._initial_params.get("transport")
+        if not transport:
+            super().switch(conn_str)
+            return
+        self.close()
+        self.declared_entities.clear()
+        self._closed = False
+        params = kombu_connection.parse_url(conn_str) if "://" in conn_str else {"hostname": conn_str}
+        params.pop("transport", None)
+        self._init_params(**dict(self._initial_params, **params))
+
+    def Pool(self, limit: int | None = None, **kwargs: Any) -> Any:  # noqa: N802 - kombu's name
+        """kombu's pool of connections, whose connections keep the transport too (kombu 5.7's ``PooledConnection``)."""
+        return _KeepingConnectionPool(self, limit=limit, **kwargs)
+
+
+class _KeepingConnectionPool(kombu_connection.ConnectionPool):
+    def new(self) -> Any:
+        if _PooledConnection is None:  # kombu before 5.4: a clone, of this class
+            return super().new()
+        return _PooledConnection(self, **dict(self.connection._info(resolve=False)))
+
+
+_KOMBU_POOLED = getattr(kombu_connection, "PooledConnection", None)
+_PooledConnection: Any = (
+    None
+    if _KOMBU_POOLED is None
+    else type("PooledConnection", (_KOMBU_POOLED, KombuConnection), {"__module__": __name__})
+)
 
 
 # -- py-amqp (RabbitMQ) ---------------------------------------------------------------

@@ -75,6 +75,10 @@ class Queues(celery_amqp.Queues):
 class AMQP(celery_amqp.AMQP):
     """Celery's ``AMQP``, signing the context of each task message it sends."""
 
+    #: kombu's connection, keeping the app's transport through a failover
+    #: (:class:`~flask_pymacaron_async._compat.KombuConnection`).
+    Connection = _compat.KombuConnection
+
     @cached_property
     def queues_cls(self) -> type[Queues]:
         """:class:`Queues` with the app's ``PYMACARON_ASYNC_DELIVERY_LIMIT``."""

@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -118,6 +119,17 @@ class Worker(process.OwnedProcess):
         )
         self.start()
         _record_pid(self.pid)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """Stop it by pid; when it had to be killed, kill its pool processes too (they would outlive it)."""
+        from tests.faults import alive, children
+
+        pool = children(self.pid) if self.alive() else []
+        code = super().stop(grace)
+        for pid in pool:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        return code
 
     def wait_ready(self, timeout: float = 30) -> Worker:
         self.wait_for_output(" ready.", timeout)

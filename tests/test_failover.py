@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from flask_pymacaron_async import AsyncUnavailable
+from flask_pymacaron_async import AsyncUnavailable, transport
 from tests.apps import reliable
 from tests.conftest import BROKER_URL
 from tests.faults import SentinelSet, unique_queue, wait_for
@@ -79,9 +79,19 @@ def test_failover_under_a_stream_of_tasks(tmp_path, start_worker, min_replicas):
     # Down after 2 s without an answer: Sentinels ping every second, and a
     # shorter delay makes a busy machine fail over twice.
     cluster = SentinelSet(tmp_path / "ha", replicas=1, sentinels=3, down_after_ms=DOWN_AFTER_MS).start()
+    workers = []
+
+    def start(*args, **kwargs):
+        workers.append(start_worker(*args, **kwargs))
+        return workers[-1]
+
     try:
-        figures = _failover(cluster, start_worker, min_replicas)
+        figures = _failover(cluster, start, min_replicas)
     finally:
+        # The worker first, while its broker answers: a warm shutdown
+        # without a broker can outlast the fixture's grace period.
+        for worker in workers:
+            worker.stop()
         cluster.stop()
     assert not any(s.alive() for s in (*cluster.servers, *cluster.sentinels))
     figures["test_seconds"] = round(time.monotonic() - began, 1)
@@ -174,6 +184,11 @@ def _failover(cluster: SentinelSet, start_worker, min_replicas: int) -> dict:
     )
     time.sleep(1)  # the last acknowledged tasks write their reports
     assert worker.alive() and "Unrecoverable error" not in worker.log()
+    # Reconnected through the extension's transport, not kombu's own Sentinel
+    # transport, on both sides.
+    assert "Connected to sentinel://" not in worker.log()
+    with app.extensions["pymacaron_async"].celery.producer_or_acquire() as producer:
+        assert producer.connection.transport_cls == transport.SENTINEL_TRANSPORT
     runs = collections.Counter(int(n) for n in reports.lrange(runs_key, 0, -1))
     queued, refused = set(stream.queued), set(stream.refused)
     lost = sorted(queued - set(runs))

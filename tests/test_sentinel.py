@@ -13,6 +13,7 @@ import re
 import time
 
 import pytest
+from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
 from flask_pymacaron_async import AsyncUnavailable, transport
@@ -121,6 +122,30 @@ def test_one_implementation_serves_redis_and_sentinel():
     assert transport.Channel.connection_class.__name__ == "MasterConnection"
     assert "master_name" in channel.from_transport_options and "min_replicas" in channel.from_transport_options
     assert transport.SentinelTransport.Channel is channel and transport.SentinelTransport.default_port == 26379
+
+
+def test_a_connection_keeps_the_transport_when_it_moves_to_the_next_sentinel():
+    """kombu takes the transport from the next URL's scheme; the app's connections keep theirs."""
+    app = reliable.create_app(
+        broker="sentinel://127.0.0.1:1;sentinel://127.0.0.1:2;sentinel://127.0.0.1:3",
+        queue="q",
+        transport_options={"master_name": "m"},
+    )
+    celery = app.extensions["pymacaron_async"].celery
+    with celery.connection_for_write() as connection:
+        assert connection.transport_cls == transport.SENTINEL_TRANSPORT
+        connection.switch("sentinel://127.0.0.1:2")
+        assert connection.transport_cls == transport.SENTINEL_TRANSPORT
+        assert (connection.hostname, connection.port) == ("127.0.0.1", 2)
+        assert connection.transport.Channel is transport.SentinelChannel
+    # And so do the connections of the producer pool the web side publishes with.
+    with celery.pool.acquire() as pooled:
+        pooled.switch("sentinel://127.0.0.1:3")
+        assert pooled.transport_cls == transport.SENTINEL_TRANSPORT
+    # A connection given no transport is kombu's own.
+    with Connection("redis://127.0.0.1:1;redis://127.0.0.1:2") as plain:
+        plain.switch("redis://127.0.0.1:2")
+        assert plain.transport_cls == "redis"
 
 
 # -- a worker on Sentinel -------------------------------------------------------------
@@ -311,6 +336,7 @@ def test_a_worker_whose_master_becomes_a_replica_reconnects(tmp_path, start_work
             reliable.count.delay(run, 2)
         wait_for(lambda: reports.sismember(f"sent:{run}:done", 2), 30, what="a task after the master is back")
         assert worker.alive() and "Unrecoverable error" not in worker.log()
+        worker.stop()  # while its broker answers
     finally:
         broker.stop()
         other.stop()
