@@ -9,6 +9,7 @@ owned process on a free port, stopped by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -319,3 +320,17 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 def unique_queue() -> str:
     """A queue name of its own, under the run's prefix: the run's clean-up removes its keys and bindings."""
     return f"{os.environ.get('PMA_TEST_PREFIX', 'pma-test')}-q-{uuid.uuid4().hex[:10]}"
+
+
+def cli(app, *args: str):
+    """The result of ``flask async ARGS`` for ``app`` (Flask's CLI test runner)."""
+    from flask_pymacaron_async.cli import async_cli
+
+    return app.test_cli_runner().invoke(async_cli, list(args))
+
+
+def listed_dead(app) -> list[dict]:
+    """What ``flask async dead --json`` lists for ``app``."""
+    result = cli(app, "dead", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)

@@ -17,9 +17,9 @@ import pytest
 from flask import Flask
 
 from flask_pymacaron_async import context
-from flask_pymacaron_async.cli import async_cli
 from tests.apps import reliable
 from tests.faults import RedisServer, children, kill_tree, rss_kib, unique_queue, wait_for
+from tests.faults import cli as _cli
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +59,6 @@ def deploy(server, start_worker):
 def _dead(client, queue: str) -> list[dict]:
     ids = [i.decode() for i in client.lrange(f"{queue}.pma.dead", 0, -1)]
     return [json.loads(client.hget(f"{queue}.pma.dead.meta", i)) for i in ids]
-
-
-def _cli(app, *args: str):
-    result = app.test_cli_runner().invoke(async_cli, list(args))
-    return result
 
 
 def _honest(app, server, queue, run: str, n: int) -> dict:

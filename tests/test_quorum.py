@@ -19,10 +19,11 @@ import pytest
 from kombu import Connection, Queue
 
 from flask_pymacaron_async import amqp, deadletter
-from flask_pymacaron_async.cli import async_cli
 from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable
+from tests.faults import cli as _cli
 from tests.faults import kill_tree, unique_queue, wait_for
+from tests.faults import listed_dead as _dead
 
 QUORUM = {"task_default_queue_type": "quorum"}
 
@@ -63,16 +64,6 @@ def quorum(rabbitmq_url, broker_url, start_worker, unique):
                 channel.queue_delete(name)
             except Exception:  # not declared by this test; the broker closed the channel
                 pass
-
-
-def _cli(app, *args: str):
-    return app.test_cli_runner().invoke(async_cli, list(args))
-
-
-def _dead(app) -> list[dict]:
-    result = _cli(app, "dead", "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
 
 
 def _queues(rabbitmq_url: str) -> dict[str, tuple[str, str]]:

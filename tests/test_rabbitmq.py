@@ -18,8 +18,9 @@ import pytest
 from kombu import Connection
 
 from flask_pymacaron_async import context, deadletter
-from flask_pymacaron_async.cli import async_cli
 from tests.apps import reliable
+from tests.faults import cli as _cli
+from tests.faults import listed_dead as _dead
 from tests.faults import unique_queue, wait_for
 
 pytestmark = pytest.mark.slow
@@ -54,16 +55,6 @@ def amqp(rabbitmq_url, broker_url, start_worker, unique):
                 channel.queue_delete(name)
             except Exception:  # not declared by this test; its channel is closed by the broker
                 channel = connection.channel()
-
-
-def _cli(app, *args: str):
-    return app.test_cli_runner().invoke(async_cli, list(args))
-
-
-def _dead(app) -> list[dict]:
-    result = _cli(app, "dead", "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
 
 
 def test_a_failed_task_is_kept_and_runs_once_when_requeued(amqp, redis_client):

@@ -18,11 +18,11 @@ from kombu.transport import redis as kombu_redis
 
 from flask_pymacaron_async import AsyncUnavailable, transport
 from flask_pymacaron_async._compat import KombuRedisChannel
-from flask_pymacaron_async.cli import async_cli
 from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable
 from tests.conftest import BROKER_URL
 from tests.faults import RedisServer, SentinelSet, free_port, kill_tree, unique_queue, wait_for
+from tests.faults import cli as _cli
 
 # PYMACARON_ASYNC_PUBLISH_TIMEOUT is 2 s by default; generous: other tests share the machine.
 BOUND = 2.0 + 3.0
@@ -71,10 +71,6 @@ def deploy(sentinels, start_worker):
     keys = list(client.scan_iter(f"{queue}*")) + list(client.scan_iter(f"_kombu.binding*{queue}*"))
     if keys:
         client.delete(*keys)
-
-
-def _cli(app, *args: str):
-    return app.test_cli_runner().invoke(async_cli, list(args))
 
 
 # -- the same transport -------------------------------------------------------------

@@ -7,28 +7,17 @@ import os
 
 import redis
 from flask import Flask, current_app, request
-from flask_login import LoginManager, UserMixin, current_user
+from flask_login import LoginManager, current_user
 
 from flask_pymacaron_async import PymacaronAsync
+from tests.apps import users
 
 ext = PymacaronAsync()
 login_manager = LoginManager()
 
 
-class User(UserMixin):
-    def __init__(self, user_id):
-        self.id = user_id
-
-
-@login_manager.user_loader
-def load_user(user_id):
-    return User(user_id)
-
-
-@login_manager.request_loader
-def load_from_header(req):
-    user_id = req.headers.get("X-Login")
-    return User(user_id) if user_id else None
+login_manager.user_loader(users.load_user)
+login_manager.request_loader(users.load_from_header)
 
 
 def create_app():

@@ -13,9 +13,10 @@ import time
 
 import redis
 from flask import Flask, current_app, redirect, request, url_for
-from flask_login import LoginManager, UserMixin, current_user, login_user
+from flask_login import LoginManager, current_user, login_user
 
 from flask_pymacaron_async import PymacaronAsync
+from tests.apps import users
 
 ext = PymacaronAsync()
 login_manager = LoginManager()
@@ -23,20 +24,8 @@ QUEUE = os.environ.get("PMA_TEST_QUEUE", "pma-test") + "-ops"
 PREFIX = os.environ.get("PMA_TEST_PREFIX", "pma-test")
 
 
-class User(UserMixin):
-    def __init__(self, user_id):
-        self.id = user_id
-
-
-@login_manager.user_loader
-def load_user(user_id):
-    return User(user_id)
-
-
-@login_manager.request_loader
-def load_from_header(req):
-    user_id = req.headers.get("X-Login")
-    return User(user_id) if user_id else None
+login_manager.user_loader(users.load_user)
+login_manager.request_loader(users.load_from_header)
 
 
 def is_admin():
@@ -62,7 +51,7 @@ def create_app(**config):
         user = request.args.get("user")
         if not user:
             return "Who are you? /login?user=NAME", 401
-        login_user(User(user))
+        login_user(users.User(user))
         return redirect(request.args.get("next") or url_for("pymacaron_async_dashboard.index"))
 
     return app
