@@ -30,6 +30,8 @@ from tests.faults import SentinelSet, unique_queue, wait_for
 
 pytestmark = pytest.mark.slow
 
+# Report keys under the run's prefix: the session removes them from the machine's Redis.
+HA = os.environ["PMA_TEST_PREFIX"] + "-ha"
 PUBLISH_TIMEOUT = 2.0
 # Generous: other tests share the machine.
 BOUND = PUBLISH_TIMEOUT + 3.0
@@ -114,7 +116,7 @@ def _failover(cluster: SentinelSet, start_worker, min_replicas: int) -> dict:
         broker=cluster.url,
         queue=queue,
         visibility=VISIBILITY,
-        prefix="ha",
+        prefix=HA,
         reports=BROKER_URL,
         transport_options=options,
         PYMACARON_ASYNC_PUBLISH_TIMEOUT=PUBLISH_TIMEOUT,
@@ -123,7 +125,7 @@ def _failover(cluster: SentinelSet, start_worker, min_replicas: int) -> dict:
     env = {
         "PMA_REL_BROKER_URL": cluster.url,
         "PMA_REL_QUEUE": queue,
-        "PMA_REL_PREFIX": "ha",
+        "PMA_REL_PREFIX": HA,
         "PMA_REL_VISIBILITY": str(VISIBILITY),
         "PMA_REL_REPORT_URL": BROKER_URL,
         "PMA_REL_TRANSPORT_OPTIONS": json.dumps(options),
@@ -131,7 +133,7 @@ def _failover(cluster: SentinelSet, start_worker, min_replicas: int) -> dict:
     worker = start_worker("tests.apps.reliable:celery", "--pool=prefork", "-c", "2", env=env, queue=queue)
     with app.app_context():
         reports = reliable.client()
-    done_key, runs_key = f"ha:{run}:done", f"ha:{run}:runs"
+    done_key, runs_key = f"{HA}:{run}:done", f"{HA}:{run}:runs"
 
     def ran() -> set[int]:
         return {int(n) for n in reports.smembers(done_key)}

@@ -9,6 +9,7 @@ to the Sentinel-managed one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -25,6 +26,8 @@ from tests.faults import RedisServer, SentinelSet, free_port, kill_tree, unique_
 from tests.faults import cli as _cli
 
 # PYMACARON_ASYNC_PUBLISH_TIMEOUT is 2 s by default; generous: other tests share the machine.
+# Report keys under the run's prefix: the session removes them from the machine's Redis.
+SENT = os.environ["PMA_TEST_PREFIX"] + "-sent"
 BOUND = 2.0 + 3.0
 VISIBILITY = 3
 
@@ -48,7 +51,7 @@ def deploy(sentinels, start_worker):
             broker=sentinels.url,
             queue=queue,
             visibility=VISIBILITY,
-            prefix="sent",
+            prefix=SENT,
             reports=BROKER_URL,
             transport_options=options,
             **config,
@@ -58,7 +61,7 @@ def deploy(sentinels, start_worker):
         env = {
             "PMA_REL_BROKER_URL": sentinels.url,
             "PMA_REL_QUEUE": queue,
-            "PMA_REL_PREFIX": "sent",
+            "PMA_REL_PREFIX": SENT,
             "PMA_REL_VISIBILITY": str(VISIBILITY),
             "PMA_REL_REPORT_URL": BROKER_URL,
             "PMA_REL_TRANSPORT_OPTIONS": json.dumps(options),
@@ -173,7 +176,7 @@ def test_garbage_is_dead_lettered_and_the_worker_goes_on(deploy, sentinels):
     with app.test_request_context("/after"):
         reliable.count.delay(run, 1)
     reports = reliable_reports(app)
-    wait_for(lambda: reports.smembers(f"sent:{run}:done") == {b"1"}, 20, what="the task after the garbage ran")
+    wait_for(lambda: reports.smembers(f"{SENT}:{run}:done") == {b"1"}, 20, what="the task after the garbage ran")
     assert worker.alive()
     log = worker.log()
     assert "Unrecoverable error" not in log and "CRITICAL" not in log
@@ -225,13 +228,13 @@ def test_taken_atomically_and_back_after_the_visibility_timeout(deploy, sentinel
     worker = start("--pool=prefork", "-c", "1")
     with app.test_request_context("/long"):
         reliable.long.delay(run, 2)
-    wait_for(lambda: reports.llen(f"sent:{run}:started") == 1, 15, what="the task started")
+    wait_for(lambda: reports.llen(f"{SENT}:{run}:started") == 1, 15, what="the task started")
     # Taken and recorded in one step: off the queue, unacknowledged on the master.
     assert master.llen(queue) == 0 and master.hlen("unacked") == 1
     kill_tree(worker)
     start("--pool=prefork", "-c", "1")
-    wait_for(lambda: reports.llen(f"sent:{run}:done") == 1, VISIBILITY + 20, what="the task ran again")
-    assert reports.llen(f"sent:{run}:started") == 2
+    wait_for(lambda: reports.llen(f"{SENT}:{run}:done") == 1, VISIBILITY + 20, what="the task ran again")
+    assert reports.llen(f"{SENT}:{run}:started") == 2
     wait_for(lambda: master.hlen("unacked") == 0, 10, what="nothing unacknowledged")
 
 
@@ -311,11 +314,11 @@ def test_a_worker_whose_master_becomes_a_replica_reconnects(tmp_path, start_work
     other = RedisServer(tmp_path / "b", appendonly=False).start()
     try:
         queue = unique_queue()
-        app = reliable.create_app(broker=broker.url, queue=queue, prefix="sent", reports=BROKER_URL)
+        app = reliable.create_app(broker=broker.url, queue=queue, prefix=SENT, reports=BROKER_URL)
         env = {
             "PMA_REL_BROKER_URL": broker.url,
             "PMA_REL_QUEUE": queue,
-            "PMA_REL_PREFIX": "sent",
+            "PMA_REL_PREFIX": SENT,
             "PMA_REL_REPORT_URL": BROKER_URL,
         }
         worker = start_worker("tests.apps.reliable:celery", "--pool=solo", env=env, queue=queue)
@@ -323,14 +326,14 @@ def test_a_worker_whose_master_becomes_a_replica_reconnects(tmp_path, start_work
         run = f"sent-demoted-{time.monotonic_ns()}"
         with app.test_request_context("/before"):
             reliable.count.delay(run, 1)
-        wait_for(lambda: reports.sismember(f"sent:{run}:done", 1), 15, what="a task before")
+        wait_for(lambda: reports.sismember(f"{SENT}:{run}:done", 1), 15, what="a task before")
         time.sleep(0.5)  # the worker waits on its queue again
         broker.client().replicaof("127.0.0.1", other.port)
         wait_for(lambda: "Connection to broker lost" in worker.log(), 15, what="the worker seeing the demotion")
         broker.client().replicaof("NO", "ONE")
         with app.test_request_context("/after"):
             reliable.count.delay(run, 2)
-        wait_for(lambda: reports.sismember(f"sent:{run}:done", 2), 30, what="a task after the master is back")
+        wait_for(lambda: reports.sismember(f"{SENT}:{run}:done", 2), 30, what="a task after the master is back")
         assert worker.alive() and "Unrecoverable error" not in worker.log()
         worker.stop()  # while its broker answers
     finally:
