@@ -185,10 +185,6 @@ class KombuRedisChannel(kombu_redis.Channel):
 
     # kombu's private state, read and written under public names.
 
-    def pma_delivery_tag(self) -> str:
-        """A new delivery tag, as kombu gives each message it publishes."""
-        return str(self._next_delivery_tag())
-
     def queue_key(self, queue: str, priority: Any) -> str:
         """The Redis list of ``queue`` for ``priority``."""
         return self._q_for_pri(queue, priority)  # type: ignore[no-any-return]

@@ -394,7 +394,8 @@ class _Copier:
     protocol 2; nothing connected to Celery's ``before_task_publish`` /
     ``after_task_publish`` (OpenTelemetry's instrumentation, say), no
     ``task-sent`` events, no router in ``task_routes`` (a router may route
-    calls of one task by their arguments; routes by task name are fine). tests/test_batch.py checks that a copy is the
+    calls of one task by their arguments; routes by task name are fine).
+    tests/test_batch.py checks that a copy is the
     message Celery builds for the same call.
     """
 
@@ -483,9 +484,7 @@ def _routes_by_name(routes: Any) -> bool:
     A router (a function, or the name of one) may send calls of one task
     with other arguments to other queues: a copy would go where its template went.
     """
-    if not routes:
-        return True
-    if isinstance(routes, Mapping):
+    if not routes or isinstance(routes, Mapping):
         return True
     return isinstance(routes, (list, tuple)) and all(isinstance(route, Mapping) for route in routes)
 
