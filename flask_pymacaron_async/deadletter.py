@@ -266,12 +266,18 @@ return store(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]))
 #: unacked hash and index) in the same atomic step; anything else goes to the
 #: dead letters of its queue in that step. ARGV: unacked hash, unacked index,
 #: the time, the dead-letter bound, the worker's name, the key prefix, then
-#: the queue name of each key. Returns {key, item, delivery tag} for a message,
+#: the queue name of each key, then the delivery tags of messages to
+#: acknowledge first (removed from the unacked hash and index, as kombu's
+#: ack does). Returns {key, item, delivery tag} for a message,
 #: {key, item, false, dead-letter id, dropped} for a dead letter, or false
 #: when every list is empty.
 TAKE = (
     _STORE
     + """
+for j = 7 + #KEYS, #ARGV do
+  redis.call('ZREM', ARGV[2], ARGV[j])
+  redis.call('HDEL', ARGV[1], ARGV[j])
+end
 for i = 1, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then

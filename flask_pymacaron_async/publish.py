@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -34,7 +35,7 @@ from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request
 from kombu.serialization import dumps, loads
 
-from . import _compat, commit, context, ids, runner, serialization, signals, tracing
+from . import _compat, commit, context, ids, runner, serialization, signals, tracing, transport
 from .context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
@@ -120,6 +121,25 @@ class Publisher:
 
     def __init__(self, state: AsyncState) -> None:
         self.state = state
+        # Per thread: the templates of this process's messages (see _Copier).
+        self._local = threading.local()
+
+    def templates(self) -> dict[Any, Any]:
+        """The message templates of this thread and process, by call shape (see :class:`_Copier`).
+
+        Per thread and per process: a message names the thread's reply queue
+        and the process that sent it.
+        """
+        local = self._local
+        pid = os.getpid()
+        if getattr(local, "pid", None) != pid:
+            local.pid, local.templates = pid, {}
+        templates: dict[Any, Any] = local.templates
+        return templates
+
+    def forget_templates(self) -> None:
+        """Build this thread's next messages through Celery again (after changing Celery's settings, say)."""
+        self._local.pid = None
 
     def publish(self, task: ContextTask, args: Any, kwargs: Any, options: dict[str, Any]) -> AsyncResult:
         """Check, snapshot and queue one call of ``task``: now, after the response, or inline."""
@@ -172,14 +192,15 @@ class Publisher:
         :param batched: part of :meth:`send_many`: no signal, and a broker
             error is left to it.
         """
-        headers = dict(options.pop("headers", None) or {})
-        headers[context.HEADER] = context.Unsigned(payload)
         try:
-            if _CAPTURING:
-                options.pop("producer", None)
-                result = _CAPTURING[-1](task, payload, args, kwargs, {**options, "headers": headers})
+            if _CAPTURING or batched or not self._copying():
+                result = self._send_one(task, payload, args, kwargs, options)
             else:
-                result = task.celery_apply_async(args, kwargs, headers=headers, **options)
+                # On Redis, a copy of the task's message template (the first
+                # call of each shape in this thread goes through Celery).
+                task_id = options.setdefault("task_id", ids.uuid4())
+                self._publish_together([(self, task, payload, args, kwargs, options)])
+                result = task.AsyncResult(task_id)
         except Exception as exc:
             if batched or not is_connection_error(exc):
                 raise
@@ -194,6 +215,22 @@ class Publisher:
             signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
         return result
 
+    def _copying(self) -> bool:
+        """Whether a call published now may copy its template: this extension's Redis transports, outside a task."""
+        celery = self.state.celery
+        return celery.conf.broker_transport in _COPYING_TRANSPORTS and celery.current_worker_task is None
+
+    def _send_one(
+        self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Hand one call to Celery (or to the active ``captured()`` block's sender)."""
+        headers = dict(options.pop("headers", None) or {})
+        headers[context.HEADER] = context.Unsigned(payload)
+        if _CAPTURING:
+            options.pop("producer", None)
+            return _CAPTURING[-1](task, payload, args, kwargs, {**options, "headers": headers})
+        return task.celery_apply_async(args, kwargs, headers=headers, **options)
+
     def send_many(self, calls: list[Call], *, raising: bool) -> None:
         """Publish held calls together: on Redis, in one round trip (one ``MULTI``/``EXEC``).
 
@@ -205,29 +242,36 @@ class Publisher:
         """
         if not calls:
             return
-        ids: list[str] = []
         try:
             if _CAPTURING:
-                for _, task, payload, args, kwargs, options in calls:
-                    ids.append(self.send(task, payload, args, kwargs, dict(options), batched=True).id)
+                ids = [
+                    self.send(task, payload, a, kw, dict(options), batched=True).id
+                    for _, task, payload, a, kw, options in calls
+                ]
             else:
-                with self.state.celery.producer_or_acquire() as pooled, self._together(pooled) as producer:
-                    copier = _Copier.for_channel(self, producer.channel)
-                    for _, task, payload, args, kwargs, options in calls:
-                        copied = copier.send(task, payload, args, kwargs, options) if copier else None
-                        if copied is not None:
-                            ids.append(copied)
-                            continue
-                        mark = copier.mark() if copier else 0
-                        sent = {**options, "producer": producer}
-                        ids.append(self.send(task, payload, args, kwargs, sent, batched=True).id)
-                        if copier:
-                            copier.learn(task, options, mark)
+                ids = self._publish_together(calls)
         except Exception as exc:
             self._not_sent(calls, exc, raising)
             return
         for (_, task, *_rest), task_id in zip(calls, ids):
             signals.task_queued.send(self.state.app, task_name=task.name, task_id=task_id)
+
+    def _publish_together(self, calls: list[Call]) -> list[str]:
+        """Publish ``calls`` in one round trip (see :meth:`_together`); their ids. Raises what the broker raised."""
+        ids: list[str] = []
+        with self.state.celery.producer_or_acquire() as pooled, self._together(pooled) as producer:
+            copier = _Copier.for_channel(self, producer.channel)
+            for _, task, payload, args, kwargs, options in calls:
+                copied = copier.send(task, payload, args, kwargs, options) if copier else None
+                if copied is not None:
+                    ids.append(copied)
+                    continue
+                mark = copier.mark() if copier else 0
+                sent = {**options, "producer": producer}
+                ids.append(self.send(task, payload, args, kwargs, sent, batched=True).id)
+                if copier:
+                    copier.learn(task, options, mark)
+        return ids
 
     @contextlib.contextmanager
     def _together(self, producer: Any) -> Iterator[Any]:
@@ -367,6 +411,9 @@ class Publisher:
         return EagerResult(task_id, value, "SUCCESS")
 
 
+# The transports whose channels make messages from templates (pma_template, pma_put_like).
+_COPYING_TRANSPORTS = (transport.TRANSPORT, transport.SENTINEL_TRANSPORT)
+
 #: The options a call of a batch may have and still be published as a copy of another's message.
 _COPYABLE_OPTIONS = frozenset(
     {"task_id", "retry", "headers", "queue", "routing_key", "exchange", "priority", "producer"}
@@ -408,7 +455,8 @@ class _Copier:
         self.content_type = dumps(None, serializer=self.serializer)[0]
         # The task running this batch, if any: each call joins its trail, as Celery's send_task does.
         self.parent = celery.current_worker_task
-        self.templates: dict[Any, tuple[Any, Any, bool]] = {}
+        # A task's messages name it as their parent: its templates are its own.
+        self.templates: dict[Any, tuple[Any, Any, bool]] = publisher.templates() if self.parent is None else {}
 
     @classmethod
     def for_channel(cls, publisher: Publisher, channel: Any) -> _Copier | None:

@@ -14,6 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import Celery
+from celery import signals as celery_signals
 from flask import Flask, appcontext_popped, appcontext_pushed, current_app, has_app_context
 
 from . import _compat, context, serialization, transport
@@ -109,6 +110,18 @@ class AsyncState:
         previous = _previous_celery()
         if previous:
             previous.pop().set_current()
+
+    def worker_init(self, sender: Any = None, **extra: Any) -> None:
+        """In a worker of this app's Celery app, stop following the app's contexts (Celery's ``worker_init``).
+
+        The worker makes its Celery app Celery's current and default one for
+        the whole process, every thread: :meth:`celery_current` and
+        :meth:`celery_restore` would only push and pop it again, ~4 µs of
+        every task's context rebuild.
+        """
+        if getattr(sender, "app", None) is self.celery:
+            appcontext_pushed.disconnect(self.celery_current, self.app)
+            appcontext_popped.disconnect(self.celery_restore, self.app)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -206,6 +219,7 @@ def add(app: Flask, state: AsyncState) -> None:
         state.celery.set_default()
     appcontext_pushed.connect(state.celery_current, app)
     appcontext_popped.connect(state.celery_restore, app)
+    celery_signals.worker_init.connect(state.worker_init)
     for hook in list(_INIT_HOOKS):
         hook(app, state)
 

@@ -49,6 +49,7 @@ import binascii
 import contextlib
 import json
 import logging
+import threading
 import weakref
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
@@ -207,12 +208,15 @@ class QoS(KombuRedisQoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel._pma_keys.pop(delivery_tag, None)
+        channel = self.channel
+        channel._pma_keys.pop(delivery_tag, None)
         if self._pma_closed(delivery_tag, "acknowledge"):
+            return
+        if channel.pma_ack_with_take(delivery_tag):
             return
         with self._freed_on_broker_error(delivery_tag):
             super().ack(delivery_tag)
-        self.channel.wake_poller()
+        channel.wake_poller()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
@@ -300,6 +304,10 @@ class Channel(KombuRedisChannel):
         self._pma_sent = _BRPOP_CMD
         self._pma_next = _TAKE_CMD
         self._pma_atomic: bool | None = None
+        # Delivery tags the next take script acknowledges (pma_ack_with_take),
+        # and the thread of the event loop that reads the takes' replies.
+        self._pma_acks: list[str] = []
+        self._pma_loop_thread: int | None = None
         # While collecting (pma_collecting): the Redis commands of what is
         # published, and the routing tables read once for the whole block.
         self._pma_collected: list[tuple[str, tuple[Any, ...]]] | None = None
@@ -641,15 +649,54 @@ class Channel(KombuRedisChannel):
                 deadletter.hostname(),
                 self.global_keyprefix or "",
                 *names,
+                *self._pma_acks,
             )
+            self._pma_acks = []
         else:
             # Wait, without taking, until the first queue has a message; the
             # other lists (priorities, more queues) are looked at after at
             # most `timeout` seconds.
             connection.send_command(_WAIT_CMD, keys[0], keys[0], "RIGHT", "RIGHT", timeout or 0)
 
+    def pma_ack_with_take(self, delivery_tag: str) -> bool:
+        """Acknowledge a message in the take script its freed slot sends now: one round trip for both.
+
+        kombu acknowledges with a ``MULTI``/``EXEC`` it waits for, then the
+        freed slot sends the next take: the event loop waits for Redis twice
+        per task. Here the acknowledgement is written with the take and its
+        reply read with the take's, in the event loop's poll. Only on the
+        event loop's thread (prefork, solo; not a thread pool's worker
+        threads), when the next take is the take script and none is pending;
+        returns False, having done nothing, otherwise. An acknowledgement
+        that could not go with a take (no queue to take from, say) is sent
+        on its own before this returns.
+        """
+        if not self._pma_atomic or self._pma_next != _TAKE_CMD or self.polling is not None:
+            return False
+        if threading.get_ident() != self._pma_loop_thread:
+            return False
+        virtual.QoS.ack(self.qos, delivery_tag)  # the slot is free here
+        self._pma_acks.append(delivery_tag)
+        try:
+            self.wake_poller()
+        finally:
+            if self._pma_acks:
+                tags, self._pma_acks = self._pma_acks, []
+                self.pma_forget_unacked(tags)
+        return True
+
+    def pma_forget_unacked(self, tags: list[str]) -> None:
+        """Remove messages from Redis's record of unacknowledged ones (kombu's ack, for several)."""
+        pipe = self._pma_redis().pipeline(transaction=True)
+        index, unacked = self._pma_key(self.unacked_index_key), self._pma_key(self.unacked_key)
+        for tag in tags:
+            pipe.zrem(index, tag)
+            pipe.hdel(unacked, tag)
+        pipe.execute()
+
     def take_read(self, **options: Any) -> Any:
         sent = self._pma_sent
+        self._pma_loop_thread = threading.get_ident()
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, sent, **options)

@@ -163,9 +163,13 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
             reliable.count.apply_async(("copy", 7), task_id="flat-id")  # flat arguments: repr, not saferepr
             reliable.count.apply_async(call, countdown=1)  # another shape: through Celery
         assert through_celery == [reliable.count.name, reliable.who.name, reliable.count.name]
-        # The same calls, immediate: through Celery.
+        # The same calls, immediate, through Celery: without the templates the batch left.
+        publisher = app.extensions["pymacaron_async"].publisher
+        publisher.forget_templates()
         reliable.count.apply_async(call, task_id="the-same-id")
+        publisher.forget_templates()
         reliable.count.apply_async(("copy", 7), task_id="flat-id")
+        assert through_celery[3:] == [reliable.count.name] * 2
     messages = list(reversed(_queued(server, queue)))  # LPUSH: newest first
     assert len(messages) == 7
     for task_id in ("the-same-id", "flat-id"):
@@ -173,6 +177,72 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
         for message in (copy, reference):
             message["properties"].pop("delivery_tag")
         assert copy == reference
+
+
+def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_builds(server, monkeypatch):
+    """Outside a batch too: after a task's first call in a thread, its calls are copies of that message."""
+    import threading
+
+    from flask_pymacaron_async.task import ContextTask
+
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="immediate")
+    publisher = app.extensions["pymacaron_async"].publisher
+    through_celery = []
+    original = ContextTask.celery_apply_async
+
+    def counted(self, *args, **kwargs):
+        through_celery.append(threading.get_ident())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContextTask, "celery_apply_async", counted)
+    client = server.client()
+    call = ("immediate", {"n": [1, 2], "name": "zoë"})
+    with app.test_request_context("/immediate?x=1", headers={"User-Agent": "copies"}):
+        reliable.count.delay("first", 0)
+        before = _stats(client)
+        copy = reliable.count.apply_async(call, task_id="the-same-id")
+        spent = _delta(before, _stats(client))
+        assert len(through_celery) == 1  # the second call is a copy
+        assert spent.pop("cmdstat_info") == 1 and spent == {"cmdstat_lpush": 1}  # one LPUSH, nothing else
+
+        publisher.forget_templates()
+        reference = reliable.count.apply_async(call, task_id="the-same-id")
+        assert len(through_celery) == 2
+
+        # Another thread has templates of its own (a message names its thread's reply queue).
+        elsewhere = []
+
+        def in_a_thread():
+            with app.app_context():
+                elsewhere.append(reliable.count.delay("thread", 1).id)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join()
+        assert len(through_celery) == 3 and through_celery[-1] != threading.get_ident()
+    assert copy.id == reference.id == "the-same-id" and elsewhere
+    copied, built = [m for m in _queued(server, queue) if m["headers"]["id"] == "the-same-id"]
+    for message in (copied, built):
+        message["properties"].pop("delivery_tag")
+    assert copied == built
+
+
+def test_an_immediate_copy_to_a_broker_that_died_raises_or_runs_inline(server):
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    inline = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_FALLBACK="inline")
+    reliable.NOTES.clear()
+    with app.app_context():
+        reliable.count.delay("warm-up", 0)  # the template
+    with inline.app_context():
+        reliable.note.delay("warm-up")
+    server.stop()
+    with app.app_context(), pytest.raises(AsyncUnavailable, match="could not queue .*count"):
+        reliable.count.delay("lost", 1)
+    with inline.app_context():
+        reliable.note.delay("here")
+    assert reliable.NOTES == ["here"]
 
 
 @pytest.mark.parametrize("setting", [{"task_compression": "gzip"}], ids=["compressed"])

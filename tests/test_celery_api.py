@@ -81,6 +81,25 @@ def test_each_app_context_has_its_own_celery_app():
     assert one.extensions["celery"] is first and two.extensions["celery"] is second
 
 
+def test_a_worker_of_the_app_stops_following_its_contexts():
+    """In the app's worker Celery made its app current for the process: no receivers run per task context."""
+    from celery import signals
+    from flask import appcontext_popped, appcontext_pushed
+
+    one, two = _app("worker_one"), _app("worker_two")
+    first, second = (PymacaronAsync.state_for(a) for a in (one, two))
+    class Worker:  # what Celery's worker sends: itself, with its Celery app
+        app = first.celery
+
+    signals.worker_init.send(sender=Worker())
+    assert first.celery_current not in list(appcontext_pushed.receivers_for(one))
+    assert first.celery_restore not in list(appcontext_popped.receivers_for(one))
+    # Another app's contexts still make its Celery app current.
+    assert second.celery_current in list(appcontext_pushed.receivers_for(two))
+    with two.app_context():
+        assert celery.current_app._get_current_object() is second.celery
+
+
 def test_shared_tasks_carry_the_context_like_asynctask(recipe):
     """A shared task is a task of the app's Celery app: the extension's task class, its checks."""
     with recipe.app_context():

@@ -285,6 +285,71 @@ def test_a_taken_message_is_recorded_before_the_worker_reads_it(own_redis):
         assert client.hlen("unacked") == 0
 
 
+def _calls(client, command: str) -> int:
+    """How many times the server ran ``command`` (its own server: nothing else talks to it)."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_an_acknowledgement_goes_with_the_next_take(own_redis):
+    """On the event loop's thread, an ack rides in the take script its freed slot sends: one round trip, no MULTI."""
+    import threading
+
+    from kombu import Connection, Queue
+
+    queue = Queue("acks", routing_key="acks")
+    client = own_redis.client()
+    with Connection(own_redis.url, transport=transport.TRANSPORT) as conn:
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, routing_key="acks", declare=[queue])
+        got = []
+        channel = conn.default_channel
+        channel.basic_qos(0, 1, False)  # one message at a time, as the worker's prefetch
+        channel.basic_consume("acks", False, lambda message: got.append(message), "tag")
+        conn.drain_events(timeout=5)
+        first = got[0]
+        assert client.hgetall("unacked").keys() == {first.delivery_tag.encode()}
+        execs = _calls(client, "exec")
+
+        first.ack()  # the slot it frees sends the next take, carrying the ack
+        assert channel._pma_acks == []
+        conn.drain_events(timeout=5)
+        second = got[1]
+        # The first is acknowledged in Redis, the second recorded, in one script run and no MULTI/EXEC.
+        assert client.hgetall("unacked").keys() == {second.delivery_tag.encode()}
+        assert client.zrange("unacked_index", 0, -1) == [second.delivery_tag.encode()]
+        assert _calls(client, "exec") == execs
+
+        # From another thread (a thread pool's worker): kombu's MULTI/EXEC, done when ack() returns.
+        acker = threading.Thread(target=second.ack)
+        acker.start()
+        acker.join()
+        assert _calls(client, "exec") == execs + 1
+        assert not client.hexists("unacked", second.delivery_tag)
+        assert client.zscore("unacked_index", second.delivery_tag) is None
+        conn.drain_events(timeout=5)
+        got[2].ack()
+    # The last ack went with a take that found nothing; closing the channel read its reply.
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0 and client.llen("acks") == 0
+
+
+def test_an_acknowledgement_that_no_take_can_carry_is_sent_at_once(own_redis):
+    """No next take (the consumer is cancelled): the ack is kombu's, before ack() returns."""
+    from kombu import Connection, Queue
+
+    client = own_redis.client()
+    with Connection(own_redis.url, transport=transport.TRANSPORT) as conn:
+        conn.Producer().publish({"n": 1}, routing_key="alone", declare=[Queue("alone", routing_key="alone")])
+        got = []
+        channel = conn.default_channel
+        channel.basic_consume("alone", False, got.append, "tag")
+        conn.drain_events(timeout=5)
+        channel.basic_cancel("tag")  # no active queue: no take to send
+        got[0].ack()
+        assert channel._pma_acks == [] and channel.polling is None
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
 def test_queues_consumed_without_acknowledgement_keep_brpop(own_redis):
     from kombu import Connection, Queue
 
