@@ -88,6 +88,7 @@ def test_a_worker_of_the_app_stops_following_its_contexts():
 
     one, two = _app("worker_one"), _app("worker_two")
     first, second = (PymacaronAsync.state_for(a) for a in (one, two))
+
     class Worker:  # what Celery's worker sends: itself, with its Celery app
         app = first.celery
 
