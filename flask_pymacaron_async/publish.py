@@ -420,6 +420,9 @@ _COPYABLE_OPTIONS = frozenset(
 )
 
 
+# The most templates a thread keeps (one per task and options, usually a few).
+_MOST_TEMPLATES = 64
+
 # The headers of a batch copy that are its own (the rest are its template's).
 _HEADER_SLOTS = ("id", "root_id", "argsrepr", "kwargsrepr", context.HEADER)
 
@@ -500,6 +503,10 @@ class _Copier:
         )
         if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
             return
+        if len(self.templates) >= _MOST_TEMPLATES:
+            # Calls with headers of their own (a trace context, say) each have
+            # a shape of their own: a thread's templates stay few all the same.
+            self.templates.clear()
         self.templates[shape] = (found, embed, headers.get("root_id") == headers.get("id"))
 
     def send(

@@ -228,6 +228,19 @@ def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_bui
     assert copied == built
 
 
+def test_a_thread_keeps_few_templates_when_every_call_has_headers_of_its_own(server):
+    """A trace context per call makes a shape per call: the templates a thread keeps stay bounded."""
+    queue = unique_queue()
+    app = reliable.create_app(broker=server.url, queue=queue)
+    publisher = app.extensions["pymacaron_async"].publisher
+    with app.app_context():
+        for n in range(150):
+            reliable.count.apply_async(("headers", n), headers={"traceparent": f"00-{n:032x}-{n:016x}-01"})
+    assert 0 < len(publisher.templates()) <= 64
+    assert server.client().llen(queue) == 150
+    server.client().delete(queue)
+
+
 def test_an_immediate_copy_to_a_broker_that_died_raises_or_runs_inline(server):
     queue = unique_queue()
     app = reliable.create_app(broker=server.url, queue=queue)
