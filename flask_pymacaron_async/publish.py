@@ -193,14 +193,14 @@ class Publisher:
             error is left to it.
         """
         try:
-            if _CAPTURING or batched or not self._copying():
+            if _CAPTURING or batched or not self._copying(task):
                 result = self._send_one(task, payload, args, kwargs, options)
             else:
                 # On Redis, a copy of the task's message template (the first
                 # call of each shape in this thread goes through Celery).
-                task_id = options.setdefault("task_id", ids.uuid4())
-                self._publish_together([(self, task, payload, args, kwargs, options)])
-                result = task.AsyncResult(task_id)
+                options.setdefault("task_id", ids.uuid4())
+                (sent,) = self._publish_together([(self, task, payload, args, kwargs, options)])
+                result = task.AsyncResult(sent) if isinstance(sent, str) else sent
         except Exception as exc:
             if batched or not is_connection_error(exc):
                 raise
@@ -215,10 +215,14 @@ class Publisher:
             signals.task_queued.send(self.state.app, task_name=task.name, task_id=result.id)
         return result
 
-    def _copying(self) -> bool:
-        """Whether a call published now may copy its template: this extension's Redis transports, outside a task."""
+    def _copying(self, task: ContextTask) -> bool:
+        """Whether a call published now may copy its template: results ignored, Redis, outside a task."""
         celery = self.state.celery
-        return celery.conf.broker_transport in _COPYING_TRANSPORTS and celery.current_worker_task is None
+        return (
+            task.ignore_result
+            and celery.conf.broker_transport in _COPYING_TRANSPORTS
+            and celery.current_worker_task is None
+        )
 
     def _send_one(
         self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
@@ -249,16 +253,19 @@ class Publisher:
                     for _, task, payload, a, kw, options in calls
                 ]
             else:
-                ids = self._publish_together(calls)
+                ids = [sent if isinstance(sent, str) else sent.id for sent in self._publish_together(calls)]
         except Exception as exc:
             self._not_sent(calls, exc, raising)
             return
         for (_, task, *_rest), task_id in zip(calls, ids):
             signals.task_queued.send(self.state.app, task_name=task.name, task_id=task_id)
 
-    def _publish_together(self, calls: list[Call]) -> list[str]:
-        """Publish ``calls`` in one round trip (see :meth:`_together`); their ids. Raises what the broker raised."""
-        ids: list[str] = []
+    def _publish_together(self, calls: list[Call]) -> list[AsyncResult | str]:
+        """Publish ``calls`` in one round trip (see :meth:`_together`). Raises what the broker raised.
+
+        :returns: per call, the id of a copy, or Celery's result for a call it published.
+        """
+        ids: list[AsyncResult | str] = []
         with self.state.celery.producer_or_acquire() as pooled, self._together(pooled) as producer:
             copier = _Copier.for_channel(self, producer.channel)
             for _, task, payload, args, kwargs, options in calls:
@@ -268,7 +275,7 @@ class Publisher:
                     continue
                 mark = copier.mark() if copier else 0
                 sent = {**options, "producer": producer}
-                ids.append(self.send(task, payload, args, kwargs, sent, batched=True).id)
+                ids.append(self.send(task, payload, args, kwargs, sent, batched=True))
                 if copier:
                     copier.learn(task, options, mark)
         return ids
