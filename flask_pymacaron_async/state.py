@@ -219,9 +219,20 @@ def add(app: Flask, state: AsyncState) -> None:
         state.celery.set_default()
     appcontext_pushed.connect(state.celery_current, app)
     appcontext_popped.connect(state.celery_restore, app)
-    celery_signals.worker_init.connect(state.worker_init)
     for hook in list(_INIT_HOOKS):
         hook(app, state)
+
+
+def _worker_init(sender: Any = None, **extra: Any) -> None:
+    """Celery's ``worker_init``, for every app's state.
+
+    One receiver for all: Celery 5.1 tells bound methods apart by their function only.
+    """
+    for state in list(states()):
+        state.worker_init(sender)
+
+
+celery_signals.worker_init.connect(_worker_init, weak=False)
 
 
 def on_init_app(hook: Callable[[Flask, AsyncState], None]) -> Callable[[Flask, AsyncState], None]:
