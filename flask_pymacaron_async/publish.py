@@ -56,8 +56,9 @@ _HELD_KEY = "pymacaron_async.held"
 # The senders of active `captured()` blocks, innermost last.
 _CAPTURING: list[Sender] = []
 
-#: A call held for later: (publisher, task, snapshot payload, args, kwargs, options).
-Call = tuple["Publisher", "ContextTask", str, "tuple[Any, ...]", "dict[str, Any]", "dict[str, Any]"]
+#: A call held for later: (publisher, task, snapshot payload, args, kwargs, options,
+#: ``[args, kwargs]`` as the serializer encoded them).
+Call = tuple["Publisher", "ContextTask", str, "tuple[Any, ...]", "dict[str, Any]", "dict[str, Any]", str]
 
 # Per thread, the calls of the active `batch()` block.
 _BATCH = threading.local()
@@ -164,7 +165,7 @@ class Publisher:
             options["headers"] = {**(options.get("headers") or {}), **trace}
         mode = task.pma_publish or settings.publish
         if mode == "after_response" and has_request_context():
-            return self._hold(task, args, kwargs, options)
+            return self._hold(task, args, kwargs, options, encoded)
         if mode == "after_commit":
             held = self._hold_for_commit(task, args, kwargs, options)
             if held is not None:
@@ -172,7 +173,7 @@ class Publisher:
         pending: list[Call] | None = getattr(_BATCH, "calls", None)
         if pending is not None:
             task_id = options.setdefault("task_id", ids.uuid4())
-            pending.append((self, task, context.take(self.state), args, kwargs, options))
+            pending.append((self, task, context.take(self.state), args, kwargs, options, encoded))
             return task.AsyncResult(task_id)
         return self.send(task, context.take(self.state), args, kwargs, options, encoded)
 
@@ -199,7 +200,8 @@ class Publisher:
                 # On Redis, a copy of the task's message template (the first
                 # call of each shape in this thread goes through Celery).
                 options.setdefault("task_id", ids.uuid4())
-                (sent,) = self._publish_together([(self, task, payload, args, kwargs, options)])
+                call = (self, task, payload, args, kwargs, options, encoded or serialization.dumps([args, kwargs]))
+                (sent,) = self._publish_together([call])
                 result = task.AsyncResult(sent) if isinstance(sent, str) else sent
         except Exception as exc:
             if batched or not is_connection_error(exc):
@@ -250,7 +252,7 @@ class Publisher:
             if _CAPTURING:
                 ids = [
                     self.send(task, payload, a, kw, dict(options), batched=True).id
-                    for _, task, payload, a, kw, options in calls
+                    for _, task, payload, a, kw, options, _encoded in calls
                 ]
             else:
                 ids = [sent if isinstance(sent, str) else sent.id for sent in self._publish_together(calls)]
@@ -268,8 +270,8 @@ class Publisher:
         ids: list[AsyncResult | str] = []
         with self.state.celery.producer_or_acquire() as pooled, self._together(pooled) as producer:
             copier = _Copier.for_channel(self, producer.channel)
-            for _, task, payload, args, kwargs, options in calls:
-                copied = copier.send(task, payload, args, kwargs, options) if copier else None
+            for _, task, payload, args, kwargs, options, encoded in calls:
+                copied = copier.send(task, payload, args, kwargs, options, encoded) if copier else None
                 if copied is not None:
                     ids.append(copied)
                     continue
@@ -307,15 +309,15 @@ class Publisher:
             raise exc
         if unavailable and self.state.settings.fallback == "inline":
             log.warning("Broker unavailable (%s); running %d task(s) inline", one_line(exc), len(calls))
-            for _, task, payload, args, kwargs, _options in calls:
-                self.run_inline(task, payload, serialization.dumps([args, kwargs]), args, kwargs)
+            for _, task, payload, args, kwargs, _options, encoded in calls:
+                self.run_inline(task, payload, encoded, args, kwargs)
             return
         reason = one_line(exc, 500, kind=False)
         if raising:
             unsent = AsyncUnavailable(f"could not queue {len(calls)} task(s): the broker is unavailable ({reason})")
             unsent.task_ids = [call[5].get("task_id") for call in calls]
             raise unsent from exc
-        for _, task, _payload, _args, _kwargs, options in calls:
+        for _, task, _payload, _args, _kwargs, options, _encoded in calls:
             error: Exception = exc
             if unavailable:
                 error = AsyncUnavailable(f"could not queue {task.name}: the broker is unavailable ({reason})")
@@ -354,7 +356,7 @@ class Publisher:
     # -- after the response ----------------------------------------------------------
 
     def _hold(
-        self, task: ContextTask, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+        self, task: ContextTask, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], encoded: str
     ) -> AsyncResult:
         """Keep a call until the response has been sent; its id is known now.
 
@@ -368,7 +370,7 @@ class Publisher:
             after_this_request(self._after_response)
         task_id = options.setdefault("task_id", ids.uuid4())
         context.request_snapshot(self.state)  # taken now, as an immediate call would
-        held.append((task, args, kwargs, options))
+        held.append((task, args, kwargs, options, encoded))
         return task.AsyncResult(task_id)
 
     def _after_response(self, response: Response) -> Response:
@@ -398,9 +400,8 @@ class Publisher:
     def _publish_held(self, snapshot: dict[str, Any], held: list[tuple[Any, ...]]) -> None:
         """Publish the tasks of one request together; failures cannot reach the client any more."""
         payload = ContextSigner.payload(snapshot)
-        self.send_many(
-            [(self, task, payload, args, kwargs, options) for task, args, kwargs, options in held], raising=False
-        )
+        calls = [(self, task, payload, args, kwargs, options, encoded) for task, args, kwargs, options, encoded in held]
+        self.send_many(calls, raising=False)
 
     # -- inline -------------------------------------------------------------------------
 
@@ -510,24 +511,40 @@ class _Copier:
         )
         if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
             return
+        embedded = (embed, serialization.dumps(embed)) if self.serializer == serialization.SERIALIZER else (embed, "")
         if len(self.templates) >= _MOST_TEMPLATES:
             # Calls with headers of their own (a trace context, say) each have
             # a shape of their own: a thread's templates stay few all the same.
             self.templates.clear()
-        self.templates[shape] = (found, embed, headers.get("root_id") == headers.get("id"))
+        self.templates[shape] = (found, embedded, headers.get("root_id") == headers.get("id"))
 
     def send(
-        self, task: ContextTask, payload: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+        self,
+        task: ContextTask,
+        payload: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        encoded: str,
     ) -> str | None:
-        """The id of the call, published as a copy of its shape's template; None when it has none (yet)."""
+        """The id of the call, published as a copy of its shape's template; None when it has none (yet).
+
+        :param encoded: ``[args, kwargs]`` as :func:`~flask_pymacaron_async.serialization.dumps`
+            wrote them: with this extension's serializer, the body is that
+            text with the template's (encoded) embed added.
+        """
         shape = self._shape(task, options)
         template = self.templates.get(shape) if shape is not None else None
         if template is None:
             return None
         found, embed, root_is_id = template
         task_id = options["task_id"]
-        _, _, body = dumps((args, kwargs, embed), serializer=self.serializer)
-        body_bytes = body.encode("utf-8") if isinstance(body, str) else body
+        if self.serializer == serialization.SERIALIZER:
+            # JSON is written piece by piece: [args,kwargs,embed] is [args,kwargs] with ",embed" before its "]".
+            body_bytes = f"{encoded[:-1]},{embed[1]}]".encode()
+        else:
+            _, _, body = dumps((args, kwargs, embed[0]), serializer=self.serializer)
+            body_bytes = body.encode("utf-8") if isinstance(body, str) else body
         argsrepr, kwargsrepr = _compat.task_reprs(self.amqp, args, kwargs)
         root_id = task_id if root_is_id else found.message["headers"]["root_id"]
         signed = self.publisher.state.signer.sign(payload, task.name, task_id, body_bytes)

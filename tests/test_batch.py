@@ -7,6 +7,7 @@ RabbitMQ, real `celery worker` processes of tests/apps/reliable.py.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 
@@ -197,7 +198,7 @@ def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_bui
 
     monkeypatch.setattr(ContextTask, "celery_apply_async", counted)
     client = server.client()
-    call = ("immediate", {"n": [1, 2], "name": "zoë"})
+    call = ("immediate", {"n": (1, 2), "name": "zoë", "at": datetime.datetime(2026, 12, 5, 10, 0)})
     with app.test_request_context("/immediate?x=1", headers={"User-Agent": "copies"}):
         reliable.count.delay("first", 0)
         before = _stats(client)
