@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
-from flask import Flask, request_tearing_down
+from flask import Flask
 
 from . import dashboard, deadletter, publish, state
 from .config import load_settings
@@ -59,10 +59,7 @@ class PymacaronAsync:
                 "Import and use that instance instead."
             )
         app_state = state.AsyncState(self, app, load_settings(app.config), self.users)
-        app_state.publisher = publisher = Publisher(app_state)
-        # A signal, not app.teardown_request: pymacaron services set the
-        # extension up lazily, after the first request.
-        request_tearing_down.connect(publisher.teardown, app)
+        app_state.publisher = Publisher(app_state)
         for task in (*DECLARED.values(), *self.declared.values()):
             app_state.register(task)
         # The worker imports it at start: it registers the command that lists

@@ -32,7 +32,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from celery.result import AsyncResult, EagerResult
-from flask import Response, after_this_request, has_app_context, has_request_context, request
+from flask import Response, after_this_request, has_app_context, has_request_context, request, request_tearing_down
 from kombu.serialization import dumps, loads
 
 from . import _compat, commit, context, ids, runner, serialization, signals, tracing, transport
@@ -62,6 +62,9 @@ Call = tuple["Publisher", "ContextTask", str, "tuple[Any, ...]", "dict[str, Any]
 
 # Per thread, the calls of the active `batch()` block.
 _BATCH = threading.local()
+
+# Held while a publisher connects its teardown receiver.
+_CONNECTING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -122,6 +125,8 @@ class Publisher:
 
     def __init__(self, state: AsyncState) -> None:
         self.state = state
+        # Whether teardown is connected (see _connect_teardown).
+        self._tearing_down = False
         # Per thread: the templates of this process's messages (see _Copier).
         self._local = threading.local()
 
@@ -368,6 +373,8 @@ class Publisher:
         if held is None:
             held = environ[_HELD_KEY] = []
             after_this_request(self._after_response)
+            if not self._tearing_down:
+                self._connect_teardown()
         task_id = options.setdefault("task_id", ids.uuid4())
         context.request_snapshot(self.state)  # taken now, as an immediate call would
         held.append((task, args, kwargs, options, encoded))
@@ -382,12 +389,21 @@ class Publisher:
             response.call_on_close(lambda: self._publish_held(snapshot, held))
         return response
 
+    def _connect_teardown(self) -> None:
+        """Connect :meth:`teardown`, when the app first holds a call: requests of an app that never does skip it."""
+        with _CONNECTING:
+            if not self._tearing_down:
+                request_tearing_down.connect(self.teardown, self.state.app)
+                self._tearing_down = True
+
     def teardown(self, sender: Flask, exc: BaseException | None = None, **extra: Any) -> None:
         """Publish the calls still held at teardown: they never saw a response (a rebuilt or test request).
 
-        Connected to ``request_tearing_down`` by ``init_app`` (a signal, not
-        ``app.teardown_request``: pymacaron services set the extension up
-        after their first request). Dropped when the view raised.
+        Connected to ``request_tearing_down`` when the app first holds a call
+        (a signal, not ``app.teardown_request``: pymacaron services set the
+        extension up after their first request; and the requests, rebuilt
+        ones included, of an app that never holds a call skip it). Dropped
+        when the view raised.
         """
         held = request.environ.pop(_HELD_KEY, None)
         if not held:

@@ -139,6 +139,24 @@ def test_held_in_a_request_without_response_is_published_at_teardown(module_work
     assert reports.one(unique)["value"] == "torn"
 
 
+def test_the_teardown_receiver_waits_for_the_first_held_call(unique, queued):
+    """Requests of an app that never holds a call (immediate mode, rebuilt ones in the worker) skip it."""
+    from flask import request_tearing_down
+
+    def connected(app):
+        teardown = app.extensions["pymacaron_async"].publisher.teardown
+        return teardown in list(request_tearing_down.receivers_for(app))
+
+    app = create_app(PYMACARON_ASYNC_PUBLISH="after_response")
+    with app.test_request_context("/nothing-held"):
+        pass
+    assert not connected(app)
+    with app.test_request_context("/held"):
+        basic.record_value("torn", unique)
+        assert connected(app) and queued == []
+    assert queued == [basic.record_value.name]
+
+
 def test_held_in_a_request_that_raised_is_dropped(unique, queued):
     app = create_app(PYMACARON_ASYNC_PUBLISH="after_response")
     with pytest.raises(RuntimeError):
