@@ -229,6 +229,19 @@ def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_bui
     assert copied == built
 
 
+def test_a_call_returns_the_result_celery_would(server):
+    app = reliable.create_app(broker=server.url, queue=unique_queue())
+    publisher = app.extensions["pymacaron_async"].publisher
+    with app.app_context():
+        task = reliable.count.celery_task
+        ours, celerys = publisher.result(task, "some-id"), task.AsyncResult("some-id")
+        with reliable.ext.batch():
+            queued = reliable.count.delay("result", 1)
+    for result in (ours, queued):
+        assert type(result) is type(celerys) and result.app is celerys.app and result.backend is celerys.backend
+    assert ours.id == "some-id" and ours.parent is None and queued.id != ours.id
+
+
 def test_a_thread_keeps_few_templates_when_every_call_has_headers_of_its_own(server):
     """A trace context per call makes a shape per call: the templates a thread keeps stay bounded."""
     queue = unique_queue()
