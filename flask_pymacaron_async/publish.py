@@ -11,8 +11,10 @@ encoded (a ``TypeError`` naming the argument that cannot be sent), then
 - ``after_commit`` (the app's SQLAlchemy session in a transaction): held
   until the transaction commits, dropped when it rolls back
   (:mod:`~flask_pymacaron_async.commit`);
-- otherwise: handed to Celery now, with the context snapshot in the message
-  headers (signed for the message by :class:`~flask_pymacaron_async.amqp.AMQP`).
+- otherwise: published now, with the context snapshot in the message
+  headers (signed for the message by :class:`~flask_pymacaron_async.amqp.AMQP`):
+  on Redis, as a copy of the thread's template for the task once Celery
+  has built one (:class:`_Copier`), else through Celery's ``apply_async``.
 
 A broker that does not answer raises
 :class:`~flask_pymacaron_async.errors.AsyncUnavailable` (or runs the call
@@ -470,15 +472,18 @@ _HEADER_SLOTS = ("id", "root_id", "argsrepr", "kwargsrepr", context.HEADER)
 
 
 class _Copier:
-    """Builds the messages of a Redis batch from the first one of each task, instead of through Celery each time.
+    """Builds Redis messages from the first one of each task, instead of through Celery each time.
 
     Celery's ``apply_async`` costs far more per message than the round trip
-    that a batch shares (routing, the protocol-2 message, kombu's envelope,
-    declaring the queue). In one batch, the messages of one task with the
-    same options differ only in the task id, the arguments (body,
+    (routing, the protocol-2 message, kombu's envelope, declaring the
+    queue). The messages of one task with the same options, sent from one
+    thread of one process, differ only in the task id, the arguments (body,
     ``argsrepr``, ``kwargsrepr``), the context signature and kombu's
     delivery tag: the first call goes through Celery and its message, as
-    the transport collected it, is the template of the next ones.
+    the transport collected it, is the template of the next ones, in
+    batches and immediate calls alike (:meth:`Publisher.templates`; inside
+    a running task, only within one batch: its messages name it as their
+    parent).
 
     A call is copied only when nothing else could differ: no countdown,
     ETA, expiry, callbacks or other options; results ignored (a result
