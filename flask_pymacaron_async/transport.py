@@ -671,7 +671,7 @@ class Channel(KombuRedisChannel):
         that could not go with a take (no queue to take from, say) is sent
         on its own before this returns.
         """
-        if not self._pma_atomic or self._pma_next != _TAKE_CMD or self.polling is not None:
+        if not self._pma_atomic or self._pma_next != _TAKE_CMD or self.polling:
             return False
         if threading.get_ident() != self._pma_loop_thread:
             return False

@@ -346,7 +346,7 @@ def test_an_acknowledgement_that_no_take_can_carry_is_sent_at_once(own_redis):
         conn.drain_events(timeout=5)
         channel.basic_cancel("tag")  # no active queue: no take to send
         got[0].ack()
-        assert channel._pma_acks == [] and channel.polling is None
+        assert channel._pma_acks == [] and not channel.polling
         assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
 
 
