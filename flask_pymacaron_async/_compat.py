@@ -431,8 +431,6 @@ def task_reprs(amqp: Any, args: Any, kwargs: Any) -> tuple[str, str]:
     ``repr`` it is (tests/test_batch.py compares them). Celery 5.3 added
     ``task_repr_maxlevels``; 5.1 and 5.2 use the default depth.
     """
-    from celery.utils.saferepr import saferepr
-
     if (
         type(args) is tuple
         and type(kwargs) is dict
@@ -441,6 +439,8 @@ def task_reprs(amqp: Any, args: Any, kwargs: Any) -> tuple[str, str]:
         and all(type(k) is str and _plain(k) and _plain(v) for k, v in kwargs.items())
     ):
         return repr(args), repr(kwargs)
+
+    from celery.utils.saferepr import saferepr
 
     levels = getattr(amqp.app.conf, "task_repr_maxlevels", None)
     if levels is None:

@@ -107,6 +107,8 @@ class ContextSigner:
 
     def __init__(self, secret_key: str | bytes, fallbacks: Iterable[str | bytes] = ()) -> None:
         self._keys = [_derive(key) for key in (secret_key, *fallbacks)]
+        # The last payload signed, and the HMAC that has read it (see sign).
+        self._last: tuple[str, Any] = ("", None)
 
     def __repr__(self) -> str:
         return f"<ContextSigner with {len(self._keys)} key(s)>"
@@ -127,8 +129,23 @@ class ContextSigner:
         return text.translate(_SWAP_QUOTES)
 
     def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
-        """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``."""
-        return f"{payload}.{_encoded(_mac(self._keys[0], payload, task_name, task_id, body)[:_TAG_BYTES])}"
+        """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``.
+
+        The messages of a request or a batch share their payload: the HMAC
+        that has read it is kept and copied for the next message, which then
+        hashes only its own part (the same signature as :func:`_mac`'s).
+        """
+        return f"{payload}.{self.tag(payload, task_name, task_id, body)}"
+
+    def tag(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+        """The signature :meth:`sign` puts after the payload and a dot (base64url, no padding)."""
+        last, mac = self._last
+        if last != payload or mac is None:
+            mac = hmac.new(self._keys[0], _head(payload), "sha256")
+            self._last = (payload, mac)
+        mac = mac.copy()
+        mac.update(_tail(task_name, task_id, body))
+        return _encoded(mac.digest()[:_TAG_BYTES])
 
     def verify(
         self,
@@ -196,22 +213,28 @@ _PLAIN_NAME = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
 
 
 def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str) -> bytes:
+    """HMAC-SHA256 of the payload, the task's name and id, and its body's digest, one per line.
+
+    Newline-separated: JSON text never holds a raw newline, so no two
+    messages give the same input; the body digest has a fixed length.
+    """
+    return hmac.digest(key, _head(payload) + _tail(task_name, task_id, body), "sha256")
+
+
+def _head(payload: str) -> bytes:
+    """The first line of what :func:`_mac` signs."""
+    return payload.encode("utf-8", "surrogateescape") + b"\n"
+
+
+def _tail(task_name: str, task_id: str, body: bytes | str) -> bytes:
+    """The rest of what :func:`_mac` signs, after :func:`_head`."""
     if isinstance(body, str):
         body = body.encode("utf-8")
-    # Newline-separated: JSON text never holds a raw newline, so no two
-    # messages give the same input; the body digest has a fixed length.
     if _PLAIN_NAME.fullmatch(task_name) and _PLAIN_NAME.fullmatch(task_id):
-        names = f'["{task_name}", "{task_id}"]'  # what json.dumps writes, without its cost
+        names = f'["{task_name}", "{task_id}"]\n'  # what json.dumps writes, without its cost
     else:
-        names = json.dumps([task_name, task_id])
-    message = b"\n".join(
-        (
-            payload.encode("utf-8", "surrogateescape"),
-            names.encode("utf-8", "surrogateescape"),
-            hashlib.sha256(body).digest(),
-        )
-    )
-    return hmac.digest(key, message, "sha256")
+        names = json.dumps([task_name, task_id]) + "\n"
+    return names.encode("utf-8", "surrogateescape") + hashlib.sha256(body).digest()
 
 
 def _encoded(tag: bytes) -> str:

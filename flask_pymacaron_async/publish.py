@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import threading
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from celery.result import AsyncResult, EagerResult
@@ -507,6 +508,8 @@ class _Copier:
         self.parent = celery.current_worker_task
         # A task's messages name it as their parent: its templates are its own.
         self.templates: dict[Any, tuple[Any, Any, bool]] = publisher.templates() if self.parent is None else {}
+        # Context payloads as JSON text without the closing quote (a batch's calls share theirs).
+        self.escaped: dict[str, str] = {}
 
     @classmethod
     def for_channel(cls, publisher: Publisher, channel: Any) -> _Copier | None:
@@ -580,17 +583,22 @@ class _Copier:
         template = self.templates.get(shape) if shape is not None else None
         if template is None:
             return None
-        found, embed, root_is_id = template
+        found, (embed, embed_text), root_is_id = template
         task_id = options["task_id"]
         if self.serializer == serialization.SERIALIZER:
             # JSON is written piece by piece: [args,kwargs,embed] is [args,kwargs] with ",embed" before its "]".
-            body_bytes = f"{encoded[:-1]},{embed[1]}]".encode()
+            body_bytes = f"{encoded[:-1]},{embed_text}]".encode()
         else:
-            _, _, body = dumps((args, kwargs, embed[0]), serializer=self.serializer)
+            _, _, body = dumps((args, kwargs, embed), serializer=self.serializer)
             body_bytes = body.encode("utf-8") if isinstance(body, str) else body
         argsrepr, kwargsrepr = _compat.task_reprs(self.amqp, args, kwargs)
         root_id = task_id if root_is_id else found.message["headers"]["root_id"]
-        signed = self.publisher.state.signer.sign(payload, task.name, task_id, body_bytes)
+        # The token as JSON text: the payload's escaped once per batch (the signature needs no escape).
+        escaped = self.escaped.get(payload)
+        if escaped is None:
+            escaped = self.escaped[payload] = encode_basestring_ascii(payload)[:-1]
+        tag = self.publisher.state.signer.tag(payload, task.name, task_id, body_bytes)
+        signed = transport.JSONText(f'{escaped}.{tag}"')
         # In the order of _HEADER_SLOTS.
         self.channel.pma_put_like(found, body_bytes, (task_id, root_id, argsrepr, kwargsrepr, signed), task_id)
         if self.parent:

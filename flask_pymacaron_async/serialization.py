@@ -73,9 +73,13 @@ def _object_hook(obj: dict[str, Any]) -> Any:
     return decode(obj.get("v"), obj)
 
 
+# One encoder for every call: ``json.dumps`` with options makes a new one each time.
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"), allow_nan=False)
+
+
 def dumps(obj: Any) -> str:
     """Encode ``obj`` to a JSON string; raise :class:`TypeError` for what cannot be sent."""
-    return json.dumps(obj, default=_default, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def loads(data: str | bytes) -> Any:

@@ -425,16 +425,21 @@ class Channel(KombuRedisChannel):
         their places.
         """
         values = (
-            base64.b64encode(body).decode("ascii"),
+            # Base64 and a uuid4's text are JSON strings as they are, between quotes.
+            JSONText(f'"{base64.b64encode(body).decode("ascii")}"'),
             *header_values,
             correlation_id,
-            ids.uuid4(),  # kombu's delivery tags are uuid4 text too
+            JSONText(f'"{ids.uuid4()}"'),  # kombu's delivery tags are uuid4 text too
         )
         pieces = template.pieces
         parts = [pieces[0]]
         for value, piece in zip(values, pieces[1:]):
+            kind = type(value)
             # kombu's JSON is ensure_ascii: a string is what encode_basestring_ascii writes.
-            parts.append(encode_basestring_ascii(value) if type(value) is str else json.dumps(value))
+            if kind is JSONText:
+                parts.append(value)
+            else:
+                parts.append(encode_basestring_ascii(value) if kind is str else json.dumps(value))
             parts.append(piece)
         data = "".join(parts)
         assert self._pma_collected is not None
@@ -460,44 +465,38 @@ class Channel(KombuRedisChannel):
         finally:
             self._pma_collected = None
             self._pma_tables.clear()
-        commands = _merged(collected)
-        if not commands:
-            return
-        if self.min_replicas:
-            self._pma_replicated(commands)
-            return
-        client = self._pma_redis()
-        if len(commands) == 1:
-            name, command_args = commands[0]
-            getattr(client, name)(*command_args)
-            return
-        with client.pipeline(transaction=True) as pipe:
-            for name, command_args in commands:
-                getattr(pipe, name)(*command_args)
-            pipe.execute()
+        if collected:
+            self._pma_send(_merged(collected))
 
-    def _pma_replicated(self, collected: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Send ``collected`` in one ``MULTI``/``EXEC``, then ``WAIT`` for :attr:`min_replicas` replicas.
+    def _pma_send(self, collected: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Send ``collected`` in one write: one command as it is, several in one ``MULTI``/``EXEC``.
 
-        ``WAIT`` counts the replicas that have the writes of *its* connection:
-        everything goes on one connection taken from the pool, in one round trip.
+        One buffer, one system call: redis-py would write a command of many
+        values in pieces of 6 kB (a batch of 50 messages: ~12 writes, each
+        after a ``poll``). With :attr:`min_replicas`, in ``MULTI``/``EXEC``
+        then ``WAIT`` for the replicas: ``WAIT`` counts the replicas that have
+        the writes of *its* connection, so everything goes on one connection.
 
         :raises AsyncUnavailable: when fewer replicas acknowledged within half
             the socket timeout; the master has the messages, which may run.
         """
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        commands: list[tuple[Any, ...]] = []
         for name, command_args in collected:
             if name == "zadd":
                 key, scored = command_args
                 commands.append(("ZADD", key, *(v for item, score in scored.items() for v in (score, item))))
             else:
                 commands.append((name.upper(), *command_args))
+        atomic = len(commands) > 1 or self.min_replicas
+        if atomic:
+            commands = [("MULTI",), *commands, ("EXEC",)]
         wait_ms = max(int((self.socket_timeout or 2.0) * 500), 1)
-        commands += [("EXEC",), ("WAIT", self.min_replicas, wait_ms)]
+        if self.min_replicas:
+            commands.append(("WAIT", self.min_replicas, wait_ms))
         pool = self.pool
         connection = pool_connection(pool)
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
+            connection.send_packed_command([b"".join(connection.pack_commands(commands))])
             replies = [connection.read_response() for _ in commands]
         except BaseException:
             # Out of step with the replies (or gone): never reused.
@@ -505,9 +504,13 @@ class Channel(KombuRedisChannel):
             raise
         finally:
             pool.release(connection)
-        failed = [reply for reply in replies[-2] or () if isinstance(reply, Exception)]
-        if failed:
-            raise failed[0]
+        if atomic:
+            executed = replies[-2] if self.min_replicas else replies[-1]
+            failed = [reply for reply in executed or () if isinstance(reply, Exception)]
+            if failed:
+                raise failed[0]
+        if not self.min_replicas:
+            return
         acknowledged = int(replies[-1])
         if acknowledged < self.min_replicas:
             raise AsyncUnavailable(
@@ -825,6 +828,12 @@ def _merged(commands: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tupl
             merged.append((name, push))
         push.extend(command_args[1:])
     return [(name, tuple(command_args)) for name, command_args in merged]
+
+
+class JSONText(str):
+    """A value for :meth:`Channel.pma_put_like` that is already the JSON text of a string, quotes included (ASCII)."""
+
+    __slots__ = ()
 
 
 class Template(NamedTuple):

@@ -230,6 +230,33 @@ def test_a_token_of_an_older_sender_verifies():
         signer.verify(f"{payload}.{whole[:-1]}", "t", "id", b"body")
 
 
+def test_signing_again_with_the_last_payload_signs_as_at_first():
+    """The signer keeps the HMAC of the last payload: each token is still the HMAC of its whole message."""
+    import hashlib
+    import hmac
+
+    from flask_pymacaron_async import context
+
+    signer = context.ContextSigner("k", fallbacks=["old"])
+    key = context._derive("k")
+    first = context.ContextSigner.payload({"user": 1, "env": None})
+    second = context.ContextSigner.payload({"user": 2, "env": None})
+    for payload, name, task_id, body in [
+        (first, "t", "id-1", b"[1]"),
+        (first, "t", "id-2", "[2]"),  # the same payload: the kept HMAC
+        (second, 'odd "name"', "id-3", b"[3]"),  # another payload, a name JSON escapes
+        (first, "t", "id-2", b"[1]"),  # back to the first
+    ]:
+        token = signer.sign(payload, name, task_id, body)
+        names = json.dumps([name, task_id]).encode()
+        digest = hashlib.sha256(body if isinstance(body, bytes) else body.encode()).digest()
+        whole = hmac.digest(key, payload.encode() + b"\n" + names + b"\n" + digest, "sha256")
+        assert token == f"{payload}.{base64.urlsafe_b64encode(whole[:16]).rstrip(b'=').decode()}"
+        assert signer.verify(token, name, task_id, body)["user"] in (1, 2)
+        with pytest.raises(context.ContextError):
+            signer.verify(token, name, "another-id", body)
+
+
 def test_a_whole_snapshot_from_an_older_sender_is_read_as_before():
     from flask_pymacaron_async.context import ContextSigner
 
