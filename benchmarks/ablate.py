@@ -72,8 +72,9 @@ def _patch(variant: str) -> None:
     if "no_check" in steps:
         serialization.check_arguments = lambda *args: ""  # type: ignore[assignment]
     if "no_result" in steps:
-        # Publishing reads the id of what apply_async returns.
+        # Publishing reads the id of what apply_async returns (a copied or held call: Publisher.result).
         ContextTask.AsyncResult = lambda self, task_id, **kwargs: types.SimpleNamespace(id=task_id)  # type: ignore[assignment,method-assign]
+        publish.Publisher.result = lambda self, task, task_id: types.SimpleNamespace(id=task_id)  # type: ignore[assignment,method-assign,return-value]
     if "no_uuid" in steps:
         publish.ids = types.SimpleNamespace(uuid4=lambda: "fixed-task-id")  # type: ignore[assignment]
 

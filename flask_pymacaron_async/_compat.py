@@ -13,6 +13,7 @@ Checked on: Flask 1.1.4 and 3.1.3 (and Flask's main branch, 3.2 to be, for
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import ctx as flask_ctx
@@ -261,12 +262,18 @@ def pool_connection(pool: Any) -> Any:
     redis-py before 5.3 requires a command name (which it ignores); 5.3 and
     later warn when one is given (checked on redis-py 4.0.2, 4.6.0 and 8.2.0).
     """
-    import inspect
-
-    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
-    if parameter is not None and parameter.default is inspect.Parameter.empty:
+    if _names_a_command(pool.__class__):
         return pool.get_connection("MULTI")
     return pool.get_connection()
+
+
+@functools.cache
+def _names_a_command(pool_class: Any) -> bool:
+    """Whether ``pool_class.get_connection`` requires a command name (looked at once per class: ~20 µs)."""
+    import inspect
+
+    parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _monotonic() -> float:

@@ -215,7 +215,9 @@ class QoS(KombuRedisQoS):
         if channel.pma_ack_with_take(delivery_tag):
             return
         with self._freed_on_broker_error(delivery_tag):
-            super().ack(delivery_tag)
+            # kombu's ack (a MULTI/EXEC through a new redis-py client), in one write.
+            channel.pma_forget_unacked([delivery_tag])
+            virtual.QoS.ack(self, delivery_tag)
         channel.wake_poller()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -468,7 +470,7 @@ class Channel(KombuRedisChannel):
         if collected:
             self._pma_send(_merged(collected))
 
-    def _pma_send(self, collected: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _pma_send(self, collected: list[tuple[str, tuple[Any, ...]]], *, replicated: bool = True) -> None:
         """Send ``collected`` in one write: one command as it is, several in one ``MULTI``/``EXEC``.
 
         One buffer, one system call: redis-py would write a command of many
@@ -487,12 +489,13 @@ class Channel(KombuRedisChannel):
                 commands.append(("ZADD", key, *(v for item, score in scored.items() for v in (score, item))))
             else:
                 commands.append((name.upper(), *command_args))
-        atomic = len(commands) > 1 or self.min_replicas
+        replicas = self.min_replicas if replicated else 0
+        atomic = len(commands) > 1 or replicas
         if atomic:
             commands = [("MULTI",), *commands, ("EXEC",)]
         wait_ms = max(int((self.socket_timeout or 2.0) * 500), 1)
-        if self.min_replicas:
-            commands.append(("WAIT", self.min_replicas, wait_ms))
+        if replicas:
+            commands.append(("WAIT", replicas, wait_ms))
         pool = self.pool
         connection = pool_connection(pool)
         try:
@@ -505,14 +508,14 @@ class Channel(KombuRedisChannel):
         finally:
             pool.release(connection)
         if atomic:
-            executed = replies[-2] if self.min_replicas else replies[-1]
+            executed = replies[-2] if replicas else replies[-1]
             failed = [reply for reply in executed or () if isinstance(reply, Exception)]
             if failed:
                 raise failed[0]
-        if not self.min_replicas:
+        if not replicas:
             return
         acknowledged = int(replies[-1])
-        if acknowledged < self.min_replicas:
+        if acknowledged < replicas:
             raise AsyncUnavailable(
                 f"the broker's master took {len(collected)} message(s) but {acknowledged} of the "
                 f"{self.min_replicas} replica(s) PYMACARON_ASYNC_BROKER_MIN_REPLICAS asks for had them "
@@ -690,12 +693,9 @@ class Channel(KombuRedisChannel):
 
     def pma_forget_unacked(self, tags: list[str]) -> None:
         """Remove messages from Redis's record of unacknowledged ones (kombu's ack, for several)."""
-        pipe = self._pma_redis().pipeline(transaction=True)
         index, unacked = self._pma_key(self.unacked_index_key), self._pma_key(self.unacked_key)
-        for tag in tags:
-            pipe.zrem(index, tag)
-            pipe.hdel(unacked, tag)
-        pipe.execute()
+        commands = [command for tag in tags for command in (("zrem", (index, tag)), ("hdel", (unacked, tag)))]
+        self._pma_send(commands, replicated=False)
 
     def take_read(self, **options: Any) -> Any:
         sent = self._pma_sent
