@@ -320,7 +320,7 @@ def test_an_acknowledgement_goes_with_the_next_take(own_redis):
         assert client.zrange("unacked_index", 0, -1) == [second.delivery_tag.encode()]
         assert _calls(client, "exec") == execs
 
-        # From another thread (a thread pool's worker): kombu's MULTI/EXEC, done when ack() returns.
+        # From another thread (a thread pool's worker): one MULTI/EXEC in one write, done when ack() returns.
         acker = threading.Thread(target=second.ack)
         acker.start()
         acker.join()
