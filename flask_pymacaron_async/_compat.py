@@ -14,6 +14,7 @@ Checked on: Flask 1.1.4 and 3.1.3 (and Flask's main branch, 3.2 to be, for
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import ctx as flask_ctx
@@ -47,7 +48,68 @@ def request_context(app: Flask, environ: dict[str, Any], session: SessionMixin |
     """
     if MERGED_CONTEXTS:
         return app.request_context(environ)
-    return flask_ctx.RequestContext(app, environ, session=session)
+    return _RebuiltRequestContext(app, environ, session=session)
+
+
+# Flask 3.2 (merged contexts) has RequestContext as a deprecated alias: not subclassed there.
+if not MERGED_CONTEXTS:
+
+    class _RebuiltRequestContext(flask_ctx.RequestContext):
+        """Flask's request context, with the route of a URL matched once per worker process.
+
+        Tasks queued from one endpoint rebuild the same method, host and path
+        over and over; matching it again costs ~15% of a rebuild. The match is
+        kept through Flask's documented hook for it (``match_request``: "can be
+        overridden by a subclass to hook into the matching of the request") and
+        only when nothing in it can differ from one request to the next: the
+        route's converters are all Werkzeug's own (a custom converter may read
+        the request or a database), the URL map has the same rules (the count
+        is part of the key: rules are only ever added), and the match
+        succeeded (a 404 or a redirect is matched again each time).
+
+        ``Map._rules`` and ``Rule._converters`` are private (Werkzeug 0.16.0–3.1.x).
+        """
+
+        def match_request(self) -> None:
+            adapter: Any = self.url_adapter
+            url_map = adapter.map
+            key = (
+                len(url_map._rules),
+                adapter.server_name,
+                adapter.script_name,
+                adapter.subdomain,
+                adapter.url_scheme,
+                adapter.path_info,
+                adapter.default_method,
+            )
+            routes = _ROUTES.get(url_map)
+            if routes is None:
+                routes = _ROUTES[url_map] = {}
+            found = routes.get(key)
+            request = self.request
+            if found is not None:
+                request.url_rule, view_args = found
+                request.view_args = dict(view_args)
+                return
+            super().match_request()
+            rule = request.url_rule
+            if request.routing_exception is None and rule is not None and _plain_converters(rule):
+                if len(routes) >= _MOST_ROUTES:
+                    routes.clear()
+                routes[key] = (rule, dict(request.view_args or {}))
+
+
+#: Matched routes by URL map, then by what the match depends on.
+_ROUTES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[Any, dict[str, Any]]]] = weakref.WeakKeyDictionary()
+_MOST_ROUTES = 256
+
+
+def _plain_converters(rule: Any) -> bool:
+    """Whether every converter of ``rule`` is one of Werkzeug's own (pure functions of the URL)."""
+    from werkzeug.routing import Map
+
+    builtin = tuple(Map.default_converters.values())
+    return all(type(converter) in builtin for converter in rule._converters.values())
 
 
 # -- Flask-Login ----------------------------------------------------------------------

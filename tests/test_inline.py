@@ -6,8 +6,11 @@ import datetime
 
 import pytest
 from celery.result import EagerResult
-from flask import g
+from flask import Flask, g, request, url_for
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import BaseConverter
 
+from flask_pymacaron_async import PymacaronAsync
 from tests.apps import basic
 from tests.apps.basic import create_app
 
@@ -48,3 +51,66 @@ def test_inline_exception_reaches_caller(app, unique):
     with app.app_context():
         with pytest.raises(ValueError, match="boom"):
             basic.fail(unique)
+
+
+# -- the route of a rebuilt request ------------------------------------------------------
+
+ROUTED = PymacaronAsync()
+SEEN_ROUTES: list = []
+CONVERSIONS: list = []
+
+
+@ROUTED.task
+def record_route():
+    SEEN_ROUTES.append((request.endpoint, dict(request.view_args or {}), url_for("user", uid=5)))
+    if request.view_args:
+        request.view_args["uid"] = "changed by a task"  # never seen by the next one
+
+
+class _CountingConverter(BaseConverter):
+    """A converter with a side effect (say, a database lookup): its match is never kept."""
+
+    def to_python(self, value):
+        CONVERSIONS.append(value)
+        return value.upper()
+
+
+def _routed_app():
+    app = Flask("routes_kept")
+    app.config.update(PYMACARON_ASYNC_ENABLED=False, SECRET_KEY="k")
+    app.url_map.converters["counted"] = _CountingConverter
+    app.add_url_rule("/users/<int:uid>", "user", lambda uid: "")
+    app.add_url_rule("/tags/<counted:name>", "tag", lambda name: "")
+    ROUTED.init_app(app)
+    return app
+
+
+def _rebuilt(app, path):
+    SEEN_ROUTES.clear()
+    with app.test_request_context(path):
+        record_route.delay()
+    return SEEN_ROUTES[-1]
+
+
+def test_a_rebuilt_request_matches_its_route_as_flask_does_each_time():
+    app = _routed_app()
+    for _ in range(3):  # matched once, then kept: the same answer, a fresh view_args each time
+        assert _rebuilt(app, "/users/7") == ("user", {"uid": 7}, "/users/5")
+    assert _rebuilt(app, "/users/8") == ("user", {"uid": 8}, "/users/5")
+    # A route added later is seen (the URL map has more rules).
+    app.add_url_rule("/users/7", "seven", lambda: "")
+    assert _rebuilt(app, "/users/7")[0] == "seven"
+    # No route: Flask's own 404, each time.
+    assert _rebuilt(app, "/nowhere")[:2] == (None, {})
+    with app.test_request_context("/nowhere"):
+        record_route.delay()
+        assert isinstance(request.routing_exception, NotFound)
+
+
+def test_a_route_with_a_converter_of_the_apps_own_is_converted_each_time():
+    app = _routed_app()
+    CONVERSIONS.clear()
+    for _ in range(2):
+        assert _rebuilt(app, "/tags/news")[:2] == ("tag", {"name": "NEWS"})
+    # Once per request in the endpoint and once per rebuilt one: nothing kept.
+    assert CONVERSIONS == ["news"] * 4
