@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import ctx as flask_ctx
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
+from werkzeug.routing import Map
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -104,12 +105,13 @@ _ROUTES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[Any, dict[st
 _MOST_ROUTES = 256
 
 
-def _plain_converters(rule: Any) -> bool:
-    """Whether every converter of ``rule`` is one of Werkzeug's own (pure functions of the URL)."""
-    from werkzeug.routing import Map
+#: Werkzeug's own converters: pure functions of the URL.
+_BUILTIN_CONVERTERS = tuple(Map.default_converters.values())
 
-    builtin = tuple(Map.default_converters.values())
-    return all(type(converter) in builtin for converter in rule._converters.values())
+
+def _plain_converters(rule: Any) -> bool:
+    """Whether every converter of ``rule`` is one of Werkzeug's own."""
+    return all(type(converter) in _BUILTIN_CONVERTERS for converter in rule._converters.values())
 
 
 # -- Flask-Login ----------------------------------------------------------------------

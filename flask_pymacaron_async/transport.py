@@ -493,8 +493,9 @@ class Channel(KombuRedisChannel):
         atomic = len(commands) > 1 or replicas
         if atomic:
             commands = [("MULTI",), *commands, ("EXEC",)]
-        wait_ms = max(int((self.socket_timeout or 2.0) * 500), 1)
+        wait_ms = 0
         if replicas:
+            wait_ms = max(int((self.socket_timeout or 2.0) * 500), 1)
             commands.append(("WAIT", replicas, wait_ms))
         pool = self.pool
         connection = pool_connection(pool)
@@ -518,7 +519,7 @@ class Channel(KombuRedisChannel):
         if acknowledged < replicas:
             raise AsyncUnavailable(
                 f"the broker's master took {len(collected)} message(s) but {acknowledged} of the "
-                f"{self.min_replicas} replica(s) PYMACARON_ASYNC_BROKER_MIN_REPLICAS asks for had them "
+                f"{replicas} replica(s) PYMACARON_ASYNC_BROKER_MIN_REPLICAS asks for had them "
                 f"after {wait_ms} ms: they may run, or be lost if the master fails now"
             )
 

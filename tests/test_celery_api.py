@@ -95,6 +95,10 @@ def test_a_worker_of_the_app_stops_following_its_contexts():
     signals.worker_init.send(sender=Worker())
     assert first.celery_current not in list(appcontext_pushed.receivers_for(one))
     assert first.celery_restore not in list(appcontext_popped.receivers_for(one))
+    # Gone from the signals altogether (blinker keys a method by its function and object):
+    # a signal that still lists a receiver looks it up on every send.
+    assert (id(type(first).celery_current), id(first)) not in appcontext_pushed.receivers
+    assert (id(type(first).celery_restore), id(first)) not in appcontext_popped.receivers
     # Another app's contexts still make its Celery app current.
     assert second.celery_current in list(appcontext_pushed.receivers_for(two))
     with two.app_context():

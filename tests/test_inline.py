@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 from celery.result import EagerResult
-from flask import Flask, g, request, url_for
+from flask import Flask, g, has_app_context, has_request_context, request, url_for
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
@@ -114,3 +114,48 @@ def test_a_route_with_a_converter_of_the_apps_own_is_converted_each_time():
         assert _rebuilt(app, "/tags/news")[:2] == ("tag", {"name": "NEWS"})
     # Once per request in the endpoint and once per rebuilt one: nothing kept.
     assert CONVERSIONS == ["news"] * 4
+
+
+# -- a user loader that fails --------------------------------------------------------------
+
+FAILING_LOADER = PymacaronAsync()
+LOADER_RAN: list = []
+
+
+@FAILING_LOADER.user_dumper
+def _dump_user():
+    return "someone"
+
+
+@FAILING_LOADER.user_loader
+def _load_user(value):
+    g.half_loaded = value  # in the rebuilt context's g, never the caller's
+    raise LookupError(f"no user {value!r}")
+
+
+@FAILING_LOADER.task
+def never_runs():
+    LOADER_RAN.append(True)
+
+
+def test_a_user_loader_that_raises_pops_the_rebuilt_contexts():
+    """The loader's error reaches the caller; the rebuilt request and app contexts are gone, the caller's are intact."""
+    app = Flask("loader_fails")
+    app.config.update(PYMACARON_ASYNC_ENABLED=False, SECRET_KEY="k")
+    FAILING_LOADER.init_app(app)
+    LOADER_RAN.clear()
+    with app.test_request_context("/page?n=1"):
+        g.mine = "caller"
+        with pytest.raises(LookupError, match="no user 'someone'"):
+            never_runs.delay()
+        assert request.path == "/page" and g.mine == "caller" and "half_loaded" not in g
+    assert not has_request_context() and not has_app_context()
+    # Outside a request (no env): only an app context is pushed, and popped again.
+    with pytest.raises(LookupError), app.app_context():
+        g.mine = "caller"
+        try:
+            never_runs.delay()
+        finally:
+            assert g.mine == "caller" and "half_loaded" not in g
+    assert not has_app_context()
+    assert LOADER_RAN == []
