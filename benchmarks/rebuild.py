@@ -7,6 +7,9 @@ of 5 repetitions) for:
   snapshot)`` with the user loaded by ``user_loader`` (the 25 µs target);
 - ``ext_full``: everything ``ContextTask.__call__`` does around the body in
   the pool process: snapshot decoded, ``pushed``, the started/succeeded signals;
+- ``ext_pushed_big`` and ``ext_full_big``: the same two for the same app
+  with 1,000 more routes over 50 blueprints and a few ``before_request``
+  hooks (``app_ext.add_big_routes``): the cost must not grow with the app;
 - ``ext_verify``: the consumer's check of the message-bound signature, in the
   worker's main process (HMAC over the snapshot, task name, id and body digest);
 - ``test_request_context``: Flask's ``app.test_request_context(...)`` with
@@ -84,6 +87,9 @@ def measure() -> dict[str, Any]:
 
     results["ext_pushed_us"] = _per_call(ext_pushed)
     results["ext_full_us"] = _per_call(ext_full)
+    big_pushed, big_full = _big_app_paths()
+    results["ext_pushed_big_us"] = _per_call(big_pushed)
+    results["ext_full_big_us"] = _per_call(big_full)
     results["ext_verify_us"] = _per_call(ext_verify)
     results["test_request_context_us"] = _per_call(test_request_context)
     results["flask_request_context_us"] = _per_call(flask_floor)
@@ -93,6 +99,30 @@ def measure() -> dict[str, Any]:
         results["celeryext_request_task_us"] = None
         results["celeryext_error"] = str(exc)
     return results
+
+
+def _big_app_paths() -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``ext_pushed`` and ``ext_full`` for the benchmark app with 1,000 more routes over 50 blueprints."""
+    from benchmarks.app_ext import create_app, noop
+    from flask_pymacaron_async import context, runner
+
+    big = create_app(big=True)
+    state = big.extensions["pymacaron_async"]
+    _as_in_the_worker(state)
+    with big.app_context():
+        task = noop.celery_task
+    with big.test_request_context(URL, headers=HEADERS):
+        token = state.signer.sign(context.take(state), task.name, "task-id", BODY)
+    snapshot = context.ContextSigner.decode(token)
+
+    def pushed() -> None:
+        with context.pushed(state, snapshot):
+            pass
+
+    def full() -> None:
+        runner.run_in_context(state, task, context.ContextSigner.decode(token), ARGS, {}, "task-id")
+
+    return pushed, full
 
 
 def _as_in_the_worker(state: Any) -> None:

@@ -38,9 +38,19 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results.json"
 
-ENDPOINT_TARGETS = ("ext_immediate", "ext_after_response", "celery", "celeryext", "rq", "dramatiq", "lpush")
+ENDPOINT_TARGETS = (
+    "ext_immediate",
+    "ext_immediate_big",
+    "ext_after_response",
+    "celery",
+    "celeryext",
+    "rq",
+    "dramatiq",
+    "lpush",
+)
 LABELS = {
     "ext_immediate": "flask-pymacaron-async, immediate",
+    "ext_immediate_big": "flask-pymacaron-async, immediate, app with 1,000 more routes",
     "ext_after_response": "flask-pymacaron-async, after_response",
     "celery": "raw Celery `.delay()` (Flask docs recipe)",
     "celeryext": "Flask-CeleryExt",
@@ -102,6 +112,9 @@ TARGETS = {
     "fan_after_response": ("after_response per task at N=50 / one pipeline of N LPUSH", 3.0, "<="),
     "fan_one": ("one immediate enqueue (fan-out N=1) / raw Celery", 1.1, "<="),
     "message_bytes": ("message size / raw Celery's, same call", 1.3, "<="),
+    "big_rebuild": ("context rebuild + user load, app of 1,000 more routes / the 4-route app", 1.1, "<="),
+    "big_call": ("the whole `__call__` path per task, app of 1,000 more routes / the 4-route app", 1.1, "<="),
+    "big_enqueue": ("immediate enqueue overhead, app of 1,000 more routes / the 4-route app", 1.1, "<="),
 }
 FANOUT_TARGETS = (
     "ext_immediate",
@@ -421,6 +434,11 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             get(workers, "ext_threads", "throughput_per_s"), get(workers, "celery_threads", "throughput_per_s")
         ),
         "start": ratio(get(workers, "ext", "start_to_first_task_s"), get(workers, "celery", "start_to_first_task_s")),
+        "big_rebuild": ratio(rebuild.get("ext_pushed_big_us"), rebuild.get("ext_pushed_us")),
+        "big_call": ratio(rebuild.get("ext_full_big_us"), rebuild.get("ext_full_us")),
+        "big_enqueue": ratio(
+            get(endpoint, "ext_immediate_big", "overhead_us"), get(endpoint, "ext_immediate", "overhead_us")
+        ),
     }
     # The same ratio within each round (endpoint) or run (workers): how much it moves.
     paired = {
@@ -433,6 +451,9 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             workers, "runs", ("ext_threads", "throughput_per_s"), ("celery_threads", "throughput_per_s")
         ),
         "start": _paired(workers, "runs", ("ext", "start_to_first_task_s"), ("celery", "start_to_first_task_s")),
+        "big_enqueue": _paired(
+            endpoint, "rounds", ("ext_immediate_big", "overhead_us"), ("ext_immediate", "overhead_us")
+        ),
     }
     fanout = results.get("fanout") or {}
 
@@ -569,6 +590,8 @@ def _rebuild_table(results: dict[str, Any]) -> list[str]:
         f"| this extension: `context.pushed()` + `user_loader` | {_fmt(rebuild.get('ext_pushed_us'), 1)} |",
         "| this extension: whole `__call__` path (signature check, `pushed`, signals) "
         f"| {_fmt(rebuild.get('ext_full_us'), 1)} |",
+        "| the same two, app with 1,000 more routes over 50 blueprints "
+        f"| {_fmt(rebuild.get('ext_pushed_big_us'), 1)} / {_fmt(rebuild.get('ext_full_big_us'), 1)} |",
         f"| `app.test_request_context()` + the same user loader | {_fmt(rebuild.get('test_request_context_us'), 1)} |",
         f"| Flask alone: `app.request_context(environ)` push + pop, no user "
         f"| {_fmt(rebuild.get('flask_request_context_us'), 1)} |",

@@ -17,6 +17,7 @@ import functools
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
+from celery import Celery
 from flask import ctx as flask_ctx
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
@@ -64,18 +65,19 @@ if not MERGED_CONTEXTS:
         overridden by a subclass to hook into the matching of the request") and
         only when nothing in it can differ from one request to the next: the
         route's converters are all Werkzeug's own (a custom converter may read
-        the request or a database), the URL map has the same rules (the count
-        is part of the key: rules are only ever added), and the match
-        succeeded (a 404 or a redirect is matched again each time).
+        the request or a database), the URL map has had no rule added since
+        (see :func:`_routes_of`), and the match succeeded (a 404 or a
+        redirect is matched again each time). Nothing here counts the rules:
+        the cost is the same for 4 routes or 2,000 (``Map._rules``, which an
+        older version counted, is a list built on each read in Werkzeug 3).
 
-        ``Map._rules`` and ``Rule._converters`` are private (Werkzeug 0.16.0–3.1.x).
+        ``Rule._converters`` is private (Werkzeug 0.16.0–3.1.x).
         """
 
         def match_request(self) -> None:
             adapter: Any = self.url_adapter
             url_map = adapter.map
             key = (
-                len(url_map._rules),
                 adapter.server_name,
                 adapter.script_name,
                 adapter.subdomain,
@@ -85,7 +87,7 @@ if not MERGED_CONTEXTS:
             )
             routes = _ROUTES.get(url_map)
             if routes is None:
-                routes = _ROUTES[url_map] = {}
+                routes = _ROUTES[url_map] = _routes_of(url_map)
             found = routes.get(key)
             request = self.request
             if found is not None:
@@ -98,6 +100,27 @@ if not MERGED_CONTEXTS:
                 if len(routes) >= _MOST_ROUTES:
                     routes.clear()
                 routes[key] = (rule, dict(request.view_args or {}))
+
+
+def _routes_of(url_map: Any) -> dict[tuple[Any, ...], tuple[Any, dict[str, Any]]]:
+    """A new, empty cache of matched routes for ``url_map``, dropped whenever a rule is added to it.
+
+    The map's ``add`` (Werkzeug's public method, which ``app.add_url_rule``
+    calls) is wrapped on the instance, once: adding a rule drops the map's
+    matches, so a route added later is seen. (``Map._remap`` would not do:
+    any other match of the map, the caller's own request in inline mode,
+    clears it.)
+    """
+    if not getattr(url_map, "pma_drops_routes", False):
+        add = url_map.add
+
+        def add_and_drop(rule_factory: Any) -> Any:
+            _ROUTES.pop(url_map, None)
+            return add(rule_factory)
+
+        url_map.add = add_and_drop
+        url_map.pma_drops_routes = True
+    return {}
 
 
 #: Matched routes by URL map, then by what the match depends on.
@@ -148,6 +171,27 @@ def current_celery_app() -> Any:
     from celery._state import get_current_app
 
     return get_current_app()
+
+
+class CombiningCelery(Celery):
+    """Celery, whose task decorator combines a ``base=`` with the app's own task class (Celery 5.1.2–5.7.0).
+
+    ``@celery.task(base=MyTask)`` and ``@shared_task(base=MyTask)`` make
+    ``MyTask`` the task's class, in place of the app's ``task_cls``: here
+    the class is ``task_cls.with_base(MyTask)`` when ``task_cls`` has that
+    classmethod (:meth:`flask_pymacaron_async.ContextTask.with_base`), so
+    the task keeps its caller's context. Both go through ``_task_from_fun``.
+
+    Public alternative: none (Celery has no hook for a task's base class).
+    """
+
+    def _task_from_fun(self, fun: Any, name: Any = None, base: Any = None, bind: bool = False, **options: Any) -> Any:
+        if base is not None:
+            own = self.Task
+            combine = getattr(own, "with_base", None)
+            if combine is not None:
+                base = combine(base)
+        return super()._task_from_fun(fun, name, base, bind, **options)
 
 
 def task_sender(amqp: Any) -> Callable[..., Any]:
@@ -257,6 +301,11 @@ class KombuRedisChannel(kombu_redis.Channel):
     def priority_of(self, message: Any) -> Any:
         """The priority step of a message to publish."""
         return self._get_message_priority(message, reverse=False)
+
+    def kombu_publishes_itself(self, queue: str, put_kwargs: dict[str, Any]) -> bool:
+        """Whether kombu publishes this message its own way: in its batch (``_publish_batch``,
+        kombu 5.3+), or to a reply queue with an expiry (``Channel._expires``, kombu 5.2.0–5.7.0)."""
+        return put_kwargs.get("_publish_batch") is not None or queue in (getattr(self, "_expires", None) or ())
 
     def next_queues(self) -> list[str]:
         """The active queues, starting with the one whose turn it is."""

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "PYMACARON_ASYNC_DEAD_LETTER_MAX": 10_000,
     "PYMACARON_ASYNC_DEAD_LETTER_FAILED": True,
     "PYMACARON_ASYNC_DEPLOY_GRACE": 600,
+    "PYMACARON_ASYNC_DONE_TTL": 3600,
     "PYMACARON_ASYNC_SPAWN_WORKER": None,
     "PYMACARON_ASYNC_EMBEDDED_BROKER": "auto",
     "PYMACARON_ASYNC_DASHBOARD_SHOW_ARGS": False,
@@ -84,6 +85,7 @@ class Settings:
     dead_letter_max: int
     dead_letter_failed: bool
     deploy_grace: float
+    done_ttl: float
     spawn_worker: bool | None
     embedded_broker: str | bool
     dashboard_show_args: bool
@@ -223,6 +225,7 @@ def load_settings(config: dict[str, Any]) -> Settings:
         dead_letter_max=dead_max,
         dead_letter_failed=config["PYMACARON_ASYNC_DEAD_LETTER_FAILED"],
         deploy_grace=_number(config, "PYMACARON_ASYNC_DEPLOY_GRACE", "a number of seconds (0: no grace)", zero=True),
+        done_ttl=_number(config, "PYMACARON_ASYNC_DONE_TTL", "a number of seconds (0: not kept)", zero=True),
         spawn_worker=spawn,
         embedded_broker=embedded,
         dashboard_show_args=config["PYMACARON_ASYNC_DASHBOARD_SHOW_ARGS"],

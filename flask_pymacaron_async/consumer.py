@@ -35,6 +35,7 @@ from typing import Any, Callable, NamedTuple
 from celery import signals as celery_signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.utils.time import maybe_iso8601
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
@@ -179,8 +180,45 @@ class Request(CeleryRequest):
         with state.app.app_context():
             runner.report_failure(state, self.name, self.id, exc, snapshot)
 
+    #: Set when the task raised (or retried, or was rejected): its acknowledgement is not a success.
+    _pma_failed = False
+
+    def acknowledge(self) -> None:
+        # Celery makes each task's Request class with an on_success of its
+        # own (create_request_cls): a success is seen here, as the
+        # acknowledgement of a late-acknowledged task that ran and did not fail.
+        if (
+            not self.acknowledged
+            and not self._pma_failed
+            and self.time_start is not None
+            and self.task.acks_late
+            and self.id not in worker_state.revoked
+        ):
+            self._pma_done()
+        super().acknowledge()
+
+    def _pma_done(self) -> None:
+        """Remember that this task id succeeded (``PYMACARON_ASYNC_DONE_TTL``): a requeue will not run it again.
+
+        Written before the acknowledgement: a worker lost between the two
+        leaves a message that comes back with its id already known as done.
+        """
+        state = getattr(self.task, "pma_state", None)
+        channel: Any = getattr(self.message, "channel", None)
+        if state is None or not state.settings.done_ttl or not hasattr(channel, "pma_done"):
+            return
+        try:
+            channel.pma_done(self.id, state.settings.done_ttl)
+        except Exception as exc:  # the broker is away: the task ran all the same
+            log.warning("Could not record task %s[%s] as done: %s", self.name, self.id, one_line(exc))
+
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
+        self._pma_failed = True
+        exc = exc_info.exception
+        if type(exc).__name__ == "ExceptionWithTraceback":
+            # Only billiard's wrapper (billiard >= 4; none before): Celery's
+            # Retry has an ``exc`` of its own (None, or the error retried).
+            exc = exc.exc
         state = getattr(self.task, "pma_state", None)
         if state is not None and not self.acknowledged and _final(self.task, exc):
             if isinstance(exc, Reject):
@@ -197,6 +235,7 @@ class Request(CeleryRequest):
                         task_id=self.id,
                         kind=deadletter.REFUSED if isinstance(exc, Reject) else deadletter.FAILED,
                         exception=type(exc).__name__,
+                        attempts=_attempts(self.request_dict),
                         acknowledge=False,
                     )
                 except Exception as error:  # the broker is away: kombu's and py-amqp's errors
@@ -210,6 +249,12 @@ class Request(CeleryRequest):
                     )
                     self.reject(requeue=True)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+def _attempts(request: dict[str, Any]) -> int:
+    """How many times the task of ``request`` has run: its retries, plus this run."""
+    retries = request.get("retries")
+    return (retries if isinstance(retries, int) and retries > 0 else 0) + 1
 
 
 def _final(task: Any, exc: BaseException) -> bool:
@@ -237,6 +282,7 @@ def dead_letter(
     task_id: Any = None,
     kind: str = deadletter.REFUSED,
     exception: str | None = None,
+    attempts: int | None = None,
     acknowledge: bool = True,
 ) -> str | None:
     """Move a received message into the dead letters of its queue, then acknowledge it.
@@ -255,6 +301,7 @@ def dead_letter(
         "task_id": task_id if isinstance(task_id, str) else None,
         "kind": kind,
         "exception": exception,
+        "attempts": attempts,
     }
     stored: str | None = None
     if hasattr(channel, "pma_dead_letter"):

@@ -50,6 +50,8 @@ SCHEDULED_SUFFIX = ".pma.scheduled"
 DEFERRED_SUFFIX = ".pma.deferred"
 #: Message header of a deferred message: ``[first refusal (Unix time), count]``.
 DEFERRED = "pymacaron_async_deferred"
+#: Key prefix of the task ids that succeeded (Redis brokers, ``PYMACARON_ASYNC_DONE_TTL``).
+DONE_PREFIX = "pma.done."
 #: Message header (RabbitMQ) holding a dead letter's description, as JSON.
 AMQP_HEADER = "x-pma-dead"
 
@@ -93,6 +95,8 @@ class DeadLetter:
     task_id: str | None = None
     #: The exception type of a failed task.
     exception: str | None = None
+    #: How many times a failed task ran (its retries, plus one).
+    attempts: int | None = None
     #: The message as it was on the broker (not shown in ``repr``).
     raw: bytes = dataclasses.field(default=b"", repr=False)
     #: Where the message sat exactly (a Redis list key), and how ``raw`` is stored.
@@ -114,6 +118,7 @@ class DeadLetter:
             "task_id": self.task_id,
             "reason": self.reason,
             "exception": self.exception,
+            "attempts": self.attempts,
             "time": self.time,
             "age": round(self.age, 1),
             "hostname": self.hostname,
@@ -138,6 +143,7 @@ def entry(
     task: Any = None,
     task_id: Any = None,
     exception: str | None = None,
+    attempts: int | None = None,
     key: str | None = None,
     format: str = "item",
     raw: bytes = b"",
@@ -156,6 +162,7 @@ def entry(
         "task": task,
         "task_id": task_id,
         "exception": exception,
+        "attempts": attempts,
         "format": format,
     }
 
@@ -403,12 +410,25 @@ def _redis_item(letter: DeadLetter, raw: bytes) -> bytes:
     return item
 
 
+def done_key(task_id: str) -> str:
+    """The Redis key (before kombu's key prefix) that says task ``task_id`` succeeded."""
+    return DONE_PREFIX + task_id
+
+
 def _redis_requeue(client: Any, prefix: str, queue: str, wanted: set[str] | None) -> list[DeadLetter]:
     ids_key, meta_key, raw_key = _redis_keys(prefix, queue)
     requeued = []
     script = client.register_script(_REQUEUE)
     for letter in _redis_list(client, prefix, queue):
         if wanted is not None and letter.id not in wanted and letter.task_id not in wanted:
+            continue
+        if letter.task_id and client.exists(prefix + done_key(letter.task_id)):
+            log.warning(
+                "Dead letter %s not requeued: task %s[%s] has succeeded since (PYMACARON_ASYNC_DONE_TTL)",
+                letter.id,
+                letter.task,
+                letter.task_id,
+            )
             continue
         raw = client.hget(raw_key, letter.id)
         if raw is None:

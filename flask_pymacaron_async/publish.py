@@ -178,6 +178,8 @@ class Publisher:
             )
         if not settings.enabled:
             return self.run_inline(task, context.take(self.state), encoded, args, kwargs)
+        if task.app.conf.task_always_eager:
+            return self._apply(task, encoded, options)
         if task.pma_delay and "countdown" not in options and "eta" not in options:
             options["countdown"] = task.pma_delay
         if task.pma_queue and "queue" not in options:
@@ -439,6 +441,24 @@ class Publisher:
 
     # -- inline -------------------------------------------------------------------------
 
+    def apply(self, task: ContextTask, args: Any, kwargs: Any, options: dict[str, Any]) -> EagerResult:
+        """Celery's eager ``apply`` of one call, in the caller's context rebuilt (see :meth:`ContextTask.apply`)."""
+        encoded = serialization.check_arguments(task.name, task.run, tuple(args or ()), dict(kwargs or {}))
+        return self._apply(task, encoded, options)
+
+    def _apply(self, task: ContextTask, encoded: str, options: dict[str, Any]) -> EagerResult:
+        """Run ``encoded`` (``[args, kwargs]``) through Celery's tracer here, its context signed and marked verified."""
+        state = self.state
+        options = dict(options)
+        task_id = options.pop("task_id", None) or ids.uuid4()
+        token = state.signer.sign(context.take(state), task.name, task_id, encoded)
+        headers = {k: v for k, v in (options.pop("headers", None) or {}).items() if k not in _OWN_HEADERS}
+        headers[context.HEADER] = token
+        headers[context.VERIFIED] = state.mark(token)
+        args, kwargs = serialization.loads(encoded)
+        signals.task_queued.send(state.app, task_name=task.name, task_id=task_id)
+        return task.celery_apply(args, kwargs, task_id=task_id, headers=headers, **options)
+
     def run_inline(
         self, task: ContextTask, payload: str, encoded: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> EagerResult:
@@ -452,6 +472,9 @@ class Publisher:
         value = runner.run_in_context(state, task, snapshot, args, kwargs, task_id)
         return EagerResult(task_id, value, "SUCCESS")
 
+
+# Headers only the extension sets on an eager call.
+_OWN_HEADERS = (context.HEADER, context.VERIFIED)
 
 # The transports whose channels make messages from templates (pma_template, pma_put_like).
 _COPYING_TRANSPORTS = (transport.TRANSPORT, transport.SENTINEL_TRANSPORT)

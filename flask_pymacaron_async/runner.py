@@ -30,7 +30,8 @@ def run_in_context(
     with context.pushed(state, snapshot):
         signals.task_started.send(state.app, task_name=task.name, task_id=task_id)
         try:
-            value = task.run(*args, **kwargs)
+            call = task.pma_base_call
+            value = task.run(*args, **kwargs) if call is None else call(task, *args, **kwargs)
         except CONTROL_FLOW:
             raise
         except Exception as exc:

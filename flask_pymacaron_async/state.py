@@ -159,7 +159,7 @@ _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "i
 def make_celery(state: AsyncState) -> Celery:
     """The Celery app of ``state``'s Flask app: the extension's defaults, then the app's ``CELERY`` setting."""
     s = state.settings
-    celery = Celery(
+    celery = _compat.CombiningCelery(
         state.import_name,
         set_as_current=False,
         task_cls="flask_pymacaron_async.task:ContextTask",
@@ -282,7 +282,7 @@ def for_call(owner: Any, name: str) -> AsyncState:
     :raises RuntimeError: when the current app has no extension, or several apps could be meant.
     """
     if has_app_context():
-        return state_for(current_app._get_current_object())  # type: ignore[attr-defined]
+        return state_for(current_app)  # the proxy: state_for only reads the app's attributes
     candidates = states(owner)
     if len(candidates) != 1:
         raise RuntimeError(

@@ -7,12 +7,14 @@ rebuilds the app and request context, loads the user, then runs the body.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generic, TypeVar, overload
 
 from celery import Task
 from celery.exceptions import Reject
+from flask import has_app_context
 
 from . import context, runner, tracing
 from . import state as states
@@ -20,7 +22,7 @@ from .errors import ContextError
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
-    from celery.result import AsyncResult
+    from celery.result import AsyncResult, EagerResult
 
     from .state import AsyncState
 
@@ -51,6 +53,61 @@ class ContextTask(Task):
         state: AsyncState = self.app.pma_state
         return state
 
+    #: The ``__call__`` of a user's base class this class was combined with
+    #: (:meth:`with_base`): the body runs through it, inside the rebuilt context.
+    pma_base_call: Callable[..., Any] | None = None
+
+    @classmethod
+    def with_base(cls, base: Any) -> type[ContextTask]:
+        """This class combined with ``base``, a user's ``celery.Task`` subclass (``@asynctask(base=...)``).
+
+        The combined class is ``(cls, base)``: calls go through the extension
+        first (argument check, context), then through ``base``'s own
+        ``apply_async`` / ``apply``; in the worker, ``base``'s ``__call__``
+        (if it has one) runs inside the rebuilt context, and its handlers
+        (``on_failure``, ``on_retry``, ``after_return``, ...) run as Celery
+        runs them. A ``base`` that is already a :class:`ContextTask` is kept.
+
+        :raises TypeError: when ``base`` is not a ``celery.Task`` subclass, or
+            cannot be combined with this class.
+        """
+        if isinstance(base, type) and issubclass(base, ContextTask):
+            return base
+        if not (isinstance(base, type) and issubclass(base, Task)):
+            raise TypeError(
+                f"base={base!r} must be a celery.Task subclass (the extension combines it with "
+                "ContextTask so that the task keeps its caller's context)"
+            )
+        made = _COMBINED.setdefault(cls, {})
+        combined = made.get(base)
+        if combined is not None:
+            return combined
+        attributes: dict[str, Any] = {"__module__": base.__module__, "__qualname__": base.__qualname__}
+        if base.__call__ is not Task.__call__:
+            attributes["pma_base_call"] = staticmethod(base.__call__)
+        for name in _HANDLERS:
+            handler = getattr(base, name)
+            if handler is not getattr(Task, name):
+                attributes[name] = _in_context(handler)
+        theirs: Any = getattr(base, "Request", Task.Request)
+        if theirs != Task.Request:
+            from celery.utils.imports import symbol_by_name
+
+            from .consumer import Request as OwnRequest
+
+            theirs = symbol_by_name(theirs)
+            if not issubclass(theirs, OwnRequest):
+                attributes["Request"] = type(theirs.__name__, (OwnRequest, theirs), {"__module__": theirs.__module__})
+        try:
+            combined = type(base.__name__, (cls, base), attributes)
+        except TypeError as exc:
+            raise TypeError(
+                f"base={base.__qualname__} cannot be combined with ContextTask ({exc}): make it a subclass "
+                "of flask_pymacaron_async.ContextTask, or drop base="
+            ) from None
+        made[base] = combined
+        return combined
+
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
         return self.pma_state.publisher.publish(self, args, kwargs, options)
 
@@ -58,10 +115,25 @@ class ContextTask(Task):
         """Celery's own ``apply_async``: hand the message to the broker."""
         return super().apply_async(args, kwargs, **options)
 
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> EagerResult:
+        """Run the task here and now, as Celery's ``apply`` does, inside the caller's context rebuilt.
+
+        As in inline mode (``PYMACARON_ASYNC_ENABLED = False``): the
+        arguments are checked and round-tripped through the serializer, the
+        context is the caller's snapshot, rebuilt, with the user loaded.
+        Returns Celery's ``EagerResult`` (an exception is in it, as Celery
+        keeps it, unless ``throw=True`` or ``task_eager_propagates``).
+        """
+        return self.pma_state.publisher.apply(self, args, kwargs, options)
+
+    def celery_apply(self, args: Any, kwargs: Any, **options: Any) -> EagerResult:
+        """Celery's own ``apply``: run the task's tracer here."""
+        return super().apply(args, kwargs, **options)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly:
-            return self.run(*args, **kwargs)
+            return self._pma_direct(args, kwargs)
         state = self.pma_state
         token = context.header(request, context.HEADER)
         try:
@@ -76,6 +148,51 @@ class ContextTask(Task):
         carrier = {name: context.header(request, name) for name in tracing.TRACE_HEADERS}
         with tracing.task_span(self.name, request.id, carrier):
             return runner.run_in_context(state, self, snapshot, args, kwargs, request.id)
+
+    def _pma_direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A direct call, as Celery's ``Task.__call__``, in the caller's context.
+
+        Celery calls an errback of the ``(request, exc, traceback)`` kind
+        directly, after the failing task's context is popped: it runs in
+        that task's context rebuilt (see :meth:`pma_running_context`).
+        """
+        with self.pma_running_context():
+            return super().__call__(*args, **kwargs)
+
+    def pma_running_context(self) -> ContextManager[None]:
+        """Outside any app context, inside a task the worker verified: that task's context, rebuilt.
+
+        Celery runs errbacks and a task's handlers (``on_failure``,
+        ``on_retry``, ...) after the task's body returned, its context
+        popped; they see it again through this. Elsewhere (a view, a task's
+        body) the context is already there: nothing is pushed.
+        """
+        if not has_app_context():
+            snapshot = context.worker_snapshot(self.pma_state)
+            if snapshot is not None:
+                return context.pushed(self.pma_state, snapshot)
+        return contextlib.nullcontext()
+
+
+# The handlers Celery calls after a task's body: a user's base class's run in the task's context.
+_HANDLERS = ("on_failure", "on_retry", "on_success", "after_return")
+
+
+def _in_context(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler`` (a task method), run in the task's context (:meth:`ContextTask.pma_running_context`)."""
+
+    @functools.wraps(handler)
+    def in_context(self: ContextTask, *args: Any, **kwargs: Any) -> Any:
+        with self.pma_running_context():
+            return handler(self, *args, **kwargs)
+
+    return in_context
+
+
+# The classes made by ContextTask.with_base, by class (each app has its own) and base.
+_COMBINED: weakref.WeakKeyDictionary[type[ContextTask], dict[type[Any], type[ContextTask]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class AsyncTask(Generic[R]):
@@ -126,6 +243,60 @@ class AsyncTask(Generic[R]):
         """``celery_task.signature(...)``."""
         return self.celery_task.signature(*args, **kwargs)
 
+    # -- the rest of Celery's Task API, on the task of the app in use -------------
+
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> EagerResult:
+        """Run the task here, in the caller's context rebuilt (see :meth:`ContextTask.apply`)."""
+        return self.celery_task.apply(args, kwargs, **options)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult:  # noqa: N802 (Celery's name)
+        """The result of a call of this task, by id (``task.AsyncResult(id)``, as in Celery)."""
+        return self.celery_task.AsyncResult(task_id, **kwargs)
+
+    def map(self, it: Any) -> Signature:
+        """Celery's ``xmap`` signature of this task over ``it``."""
+        return self.celery_task.map(it)
+
+    def starmap(self, it: Any) -> Signature:
+        """Celery's ``xstarmap`` signature of this task over ``it``."""
+        return self.celery_task.starmap(it)
+
+    def chunks(self, it: Any, n: int) -> Signature:
+        """Celery's ``chunks`` signature: ``it`` in parts of ``n``, one task each."""
+        return self.celery_task.chunks(it, n)
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``Task.retry`` (in the body of a bound task, ``self.retry`` is the same)."""
+        return self.celery_task.retry(*args, **kwargs)
+
+    def update_state(
+        self, task_id: str | None = None, state: str | None = None, meta: Any = None, **kwargs: Any
+    ) -> None:
+        """Celery's ``Task.update_state`` (progress of the running task, by default)."""
+        self.celery_task.update_state(task_id, state, meta, **kwargs)
+
+    @property
+    def request(self) -> Any:
+        """The request of the running call of this task (Celery's ``Task.request``)."""
+        return self.celery_task.request
+
+    @property
+    def backend(self) -> Any:
+        """The task's result backend."""
+        return self.celery_task.backend
+
+    @property
+    def app(self) -> Any:
+        """The Celery app of the app in use."""
+        return self.celery_task.app
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other public attribute of Celery's Task (`ignore_result`,
+        # `max_retries`, `subtask`, `on_failure`...): the registered task's.
+        if name.startswith("_") or name in ("run", "name", "options"):
+            raise AttributeError(name)
+        return getattr(self.celery_task, name)
+
 
 #: Every task declared with the module-level :func:`asynctask`, by name.
 DECLARED: dict[str, AsyncTask[Any]] = {}
@@ -134,12 +305,13 @@ DECLARED: dict[str, AsyncTask[Any]] = {}
 def declare(func: Callable[..., R], options: dict[str, Any], owner: Any) -> AsyncTask[R]:
     """Declare ``func`` as a task (of ``owner``'s apps, or of every app when ``owner`` is None)."""
     task = AsyncTask(func, options, owner)
+    # Registered first: a task refused by an app (a wrong base=, say) is not kept for the next ones.
+    for state in states.states(owner):
+        state.register(task)
     if owner is None:
         DECLARED[task.name] = task
     else:
         owner.declared[task.name] = task
-    for state in states.states(owner):
-        state.register(task)
     return task
 
 

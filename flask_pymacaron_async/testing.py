@@ -1,8 +1,10 @@
 """pytest plugin: the ``captured_tasks`` and ``async_worker`` fixtures.
 
-pytest loads it by itself once flask-pymacaron-async is installed (the
-``pytest11`` entry point ``pymacaron_async``); ``-p no:pymacaron_async``
-turns it off. The fixtures work with pytest-flask's ``app`` and ``client``.
+Opt-in, as Celery's own plugin: ``pytest_plugins = ["flask_pymacaron_async.testing"]``
+in the project's root ``conftest.py``, or ``pytest -p flask_pymacaron_async.testing``.
+Installing the package loads nothing into other projects' test sessions
+(no Celery, kombu or redis-py import). The fixtures work with
+pytest-flask's ``app`` and ``client``.
 
 .. code-block:: python
 

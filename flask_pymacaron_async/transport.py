@@ -357,7 +357,7 @@ class Channel(KombuRedisChannel):
         # is due: past the visibility timeout another worker would run it too.
         later = due is not None and due - time() > self.visibility_timeout / 2
         collected = self._pma_collected
-        own = kwargs.get("_publish_batch") is not None or queue in (getattr(self, "_expires", None) or ())
+        own = self.kombu_publishes_itself(queue, kwargs)
         if collected is None and self.min_replicas and not own:
             # Sent with the replicas' acknowledgement (see pma_collecting).
             with self.pma_collecting():
@@ -576,6 +576,11 @@ class Channel(KombuRedisChannel):
         stored, dropped = str(bytes_to_str(reply[0])), int(reply[1])
         deadletter.stored(description, stored, dropped, self.dead_letter_max)
         return stored
+
+    def pma_done(self, task_id: str, ttl: float) -> None:
+        """Remember for ``ttl`` seconds that task ``task_id`` succeeded (see :func:`deadletter.done_key`)."""
+        key = self._pma_key(deadletter.done_key(task_id))
+        self._pma_send([("set", (key, "1", "EX", max(1, int(ttl))))], replicated=False)
 
     def pma_defer(self, delivery_tag: str, envelope: dict[str, Any], delay: float) -> bool:
         """Put an unacknowledged message back on its queue in ``delay`` seconds, atomically.

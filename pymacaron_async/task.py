@@ -174,7 +174,7 @@ def _request_context() -> Iterator[None]:
         yield
         return
     if has_app_context():
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        app = current_app  # the proxy: test_request_context is a method of the app it stands for
     else:
         if _fallback_app is None:
             _fallback_app = Flask("pymacaron_async")

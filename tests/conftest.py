@@ -23,6 +23,9 @@ import redis
 
 from flask_pymacaron_async import process
 
+# The extension's pytest plugin is opt-in (no pytest11 entry point).
+pytest_plugins = ["flask_pymacaron_async.testing"]
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
 

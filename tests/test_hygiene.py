@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 from flask import Flask, g, request
 
@@ -123,3 +124,74 @@ def test_a_test_run_leaves_no_process_behind(tmp_path):
     pids = [int(p) for p in pidfile.read_text().split()]
     assert len(pids) >= 2, pids  # the run's own redis-server, and a worker
     assert not [pid for pid in pids if alive(pid)]
+
+
+# os._exit is the standard library's documented exit without clean-up, not a third party's internal.
+_STDLIB_PRIVATE = {"_exit"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_third_party_internals_are_used_in_compat_only():
+    """No ``_name`` of Flask, Werkzeug, Celery, kombu, py-amqp, redis-py or Flask-Login outside ``_compat.py``.
+
+    A private name the package does not define itself (as a function, class,
+    variable, attribute, argument or import) is someone else's: it may only
+    be read or overridden in ``_compat.py``, where each use says the versions
+    it was checked on. Attribute access and the strings given to
+    ``getattr``/``hasattr``/``setattr``/``delattr`` alike.
+    """
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = [
+        path for package in ("flask_pymacaron_async", "pymacaron_async") for path in (root / package).rglob("*.py")
+    ]
+    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in files}
+    own = {path.stem for path in files}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.arg):
+                own.add(node.arg)
+            elif isinstance(node, ast.alias):
+                own.add(node.asname or node.name.split(".")[0])
+    allowed = own | _STDLIB_PRIVATE
+    found = []
+    for path, tree in trees.items():
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                name = node.attr
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)
+            ):
+                name = node.args[1].value
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "pop")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and _private(node.args[0].value)
+            ):
+                name = node.args[0].value  # a private keyword a third party passes (kombu's _publish_batch)
+            if name is not None and name not in allowed:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {name}")
+    assert found == [], "third-party internals outside _compat.py:\n" + "\n".join(found)

@@ -1,4 +1,4 @@
-"""The pytest plugin: captured_tasks, async_worker, and its loading through the pytest11 entry point."""
+"""The pytest plugin: captured_tasks, async_worker, loaded when a project asks for it, and only then."""
 
 from __future__ import annotations
 
@@ -230,10 +230,10 @@ def _run_inner_pytest(tmp_path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_plugin_is_loaded_by_its_entry_point_and_kills_the_worker(tmp_path):
+def test_the_plugin_is_loaded_when_asked_for_and_kills_the_worker(tmp_path):
     (tmp_path / "innerapp.py").write_text(textwrap.dedent(INNER_APP))
     (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
-    result = _run_inner_pytest(tmp_path, "test_inner.py")
+    result = _run_inner_pytest(tmp_path, "-p", "flask_pymacaron_async.testing", "test_inner.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
     pid = int((tmp_path / "worker.pid").read_text())
@@ -242,9 +242,42 @@ def test_the_plugin_is_loaded_by_its_entry_point_and_kills_the_worker(tmp_path):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}")
 
-    disabled = _run_inner_pytest(tmp_path, "-p", "no:pymacaron_async", "test_inner.py::test_captured")
-    assert disabled.returncode != 0
-    assert "fixture 'captured_tasks' not found" in disabled.stdout
+    not_asked = _run_inner_pytest(tmp_path, "test_inner.py::test_captured")
+    assert not_asked.returncode != 0
+    assert "fixture 'captured_tasks' not found" in not_asked.stdout
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["flask_pymacaron_async.testing"]\n')
+    in_conftest = _run_inner_pytest(tmp_path, "test_inner.py::test_captured")
+    assert in_conftest.returncode == 0, in_conftest.stdout + in_conftest.stderr
+
+
+def _imported(tmp_path, *args: str) -> set[str]:
+    """The modules a pytest session collecting an empty project imports (``-X importtime``; no capture,
+    which would swallow what is imported after it starts)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pytest", "--collect-only", "-q", "--capture=no"]
+        + ["-p", "no:cacheprovider", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_a_project_that_does_not_ask_for_the_plugin_imports_nothing_of_it(tmp_path):
+    """Installed, the package adds nothing to another project's pytest session: no entry point, no import."""
+    from importlib.metadata import distribution
+
+    assert not [e for e in distribution("flask-pymacaron-async").entry_points if e.group == "pytest11"]
+    (tmp_path / "test_empty.py").write_text("def test_nothing():\n    pass\n")
+    heavy = {"flask_pymacaron_async", "celery", "kombu", "redis"}
+    imported = _imported(tmp_path)
+    assert "pytest" in imported  # -X importtime did report
+    assert not {name for name in imported if name.split(".")[0] in heavy}
+    # The same measure sees them when the project asks for the plugin.
+    asked = _imported(tmp_path, "-p", "flask_pymacaron_async.testing")
+    assert {"flask_pymacaron_async.publish", "celery", "kombu"} <= asked
 
 
 def test_plugin_module_creates_nothing_at_import():

@@ -30,6 +30,7 @@ def create_app(**config):
         CELERY={"task_default_queue": os.environ.get("PMA_TEST_QUEUE", "pma-test"), "result_expires": 600},
         REPORT_PREFIX=os.environ.get("PMA_TEST_PREFIX", "pma-test"),
         PYMACARON_ASYNC_PUBLISH=os.environ.get("PMA_TEST_PUBLISH", "immediate"),
+        PYMACARON_ASYNC_DONE_TTL=600,
     )
     app.config.update(config)
     ext.init_app(app)
