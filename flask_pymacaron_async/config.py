@@ -7,6 +7,7 @@ raises :class:`~flask_pymacaron_async.errors.ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -107,10 +108,28 @@ class Settings:
 
 
 def masked_url(url: str) -> str:
-    """``url`` with its password masked, for messages, logs and reprs."""
+    """``url`` with every password masked, for messages, logs, pages and reprs.
+
+    Every form kombu accepts: several URLs separated by ``;`` (failover
+    Redis, Sentinels), with or without ports, amqp with a vhost. A URL kombu
+    cannot parse is masked all the same (whatever sits between ``user:`` and
+    ``@``), never raised on.
+    """
+    return ";".join(_masked_one(part) for part in url.split(";"))
+
+
+# What sits between "//user:" and "@" in a URL: its password.
+_PASSWORD = re.compile(r"(//[^/@:;]*:)[^@;]*@")
+
+
+def _masked_one(url: str) -> str:
     from kombu.utils.url import maybe_sanitize_url
 
-    return str(maybe_sanitize_url(url))
+    try:
+        masked = str(maybe_sanitize_url(url))
+    except Exception:  # not a URL kombu can parse: the pattern below masks it all the same
+        masked = url
+    return _PASSWORD.sub(r"\1**@", masked)
 
 
 def _check(key: str, ok: bool, expected: str, value: Any) -> None:

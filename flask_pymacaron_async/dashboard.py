@@ -83,6 +83,14 @@ def blueprint(allow: Callable[[], Any] | None = None, name: str = NAME) -> Bluep
                 return response
         abort(403)
 
+    @bp.after_request
+    def protect(response: Response) -> Response:
+        # Never framed (a same-site frame could click "Stop"), never cached (it shows users and URLs).
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     @bp.context_processor
     def helpers() -> dict[str, Any]:
         return {"age": age, "when": when, "csrf_token": csrf_token, "csrf_field": csrf_field()}

@@ -125,6 +125,24 @@ def test_without_an_access_rule_only_debug_shows_the_page():
     assert _bare_app(debug=True, allow=lambda: False).test_client().get("/tasks/").status_code == 403
 
 
+def test_every_answer_of_the_page_is_never_framed_nor_cached():
+    allowed, refused = _bare_app(debug=True).test_client(), _bare_app(debug=False).test_client()
+    answers = [
+        allowed.get("/tasks/"),
+        allowed.get("/tasks/status.json"),
+        allowed.get("/tasks/static/dashboard.js"),
+        allowed.post("/tasks/requeue"),  # refused: no CSRF token
+        refused.get("/tasks/"),
+        refused.post("/tasks/purge"),
+    ]
+    for response in answers:
+        assert response.headers["X-Frame-Options"] == "DENY", response.request.path
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["Cache-Control"] == "no-store"
+        response.close()
+    assert [r.status_code for r in answers][-2:] == [403, 403]
+
+
 def test_the_page_renders_offline_without_a_broker():
     app = Flask("no_broker")
     app.config.update(SECRET_KEY="s", PYMACARON_ASYNC_BROKER_URL="redis://127.0.0.1:1/0")

@@ -10,6 +10,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import pytest
 from flask import Flask, g, request
 
 from flask_pymacaron_async import AsyncUnavailable, PymacaronAsync, _compat, context
@@ -36,6 +37,36 @@ def test_reprs_show_no_key_and_no_password():
     for secret in ("the-secret-key", "an-old-key", "hunter2", "pw-backend", "pw-celery"):
         assert secret not in shown, secret
     assert "redis://:**@127.0.0.1:6379/0" in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:{port}/0;redis://:hunter3@127.0.0.2:{port}/0",
+        "redis://:hunter2@h1/0;redis://:hunter3@h2/0",
+        "sentinel://:hunter2@127.0.0.1:{port};sentinel://:hunter3@127.0.0.2:{port}",
+        "amqp://guest:hunter2@127.0.0.1:{port}/vhost",
+        "rediss://user:hunter2@127.0.0.1:{port}/0",
+    ],
+)
+def test_every_form_of_broker_url_is_masked_everywhere_it_is_shown(url):
+    url = url.format(port=free_port())
+    app = _app(PYMACARON_ASYNC_BROKER_URL=url, PYMACARON_ASYNC_PUBLISH_TIMEOUT=0.5)
+    ext = PymacaronAsync(app)
+    app.register_blueprint(ext.dashboard_blueprint(allow=lambda: True), url_prefix="/ops")
+    shown = [repr(ext.state_for(app).settings)]
+    for args in (["status", "--json", "--timeout", "0.5"], ["status", "--timeout", "0.5"]):
+        result = app.test_cli_runner().invoke(async_cli, args)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+        shown.append(result.output)
+    client = app.test_client()
+    for path in ("/ops/status.json", "/ops/"):
+        response = client.get(path)
+        assert response.status_code in (200, 503), path
+        shown.append(response.get_data(as_text=True))
+    for text in shown:
+        assert "hunter2" not in text and "hunter3" not in text, text
+    assert "**@" in shown[0]
 
 
 def test_status_and_errors_mask_the_broker_password():
