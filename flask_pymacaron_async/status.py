@@ -16,6 +16,7 @@ and the dashboard's JSON endpoint print the same structure::
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -37,6 +38,8 @@ DEAD_SHOWN = 100
 FAILURES_SHOWN = 20
 #: The remote-control command :mod:`flask_pymacaron_async.control` registers in the worker.
 RUNNING_COMMAND = "pma_running"
+
+log = logging.getLogger(__name__)
 
 # Names of query arguments and user fields whose values are never shown.
 _SECRET = re.compile(r"token|secret|passw|jwt|auth|key|sig|session|cookie|code|credential", re.I)
@@ -159,14 +162,25 @@ def oldest_ages(celery: Celery, queues: Iterable[str]) -> dict[str, float | None
 
 
 def _queued_at(item: bytes | str | None) -> float | None:
-    if item is None:
+    """When the message ``item`` was queued; None for an item that is not a readable message.
+
+    Anything a broker item may hold (not JSON, nested thousands deep, headers
+    of the wrong type) leaves the status readable: the worker dead-letters
+    such an item when it takes it.
+    """
+    if item is None or len(item) > _MOST_READ:
         return None
     try:
-        headers = json.loads(item).get("headers") or {}
-    except (ValueError, AttributeError):  # not a message: the worker dead-letters it
+        headers = json.loads(item).get("headers")
+        queued = who_and_where(headers.get(HEADER))["queued"]
+    except Exception as exc:  # any malformed item: never the status's failure
+        log.debug("A queue item is not a readable message: %s", one_line(exc))
         return None
-    queued = who_and_where(headers.get(HEADER))["queued"]
     return queued if isinstance(queued, float) else None
+
+
+# The largest queue item read for its queuing time (a larger one is a message the worker refuses).
+_MOST_READ = 4 * 1024 * 1024
 
 
 def _running_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +226,13 @@ def who_and_where(token: Any) -> dict[str, Any]:
         return {"user": None, "url": None, "queued": None}
     env = snapshot.get("env")
     queued = snapshot.get("ts")
+    try:
+        url = shown_url(str(get_current_url(env))) if isinstance(env, dict) and env else None
+    except Exception as exc:  # an environ nobody could have sent: a forged context
+        log.debug("A context's URL is unreadable: %s", one_line(exc))
+        url = "(unreadable)"
     return {
         "user": shown_user(snapshot.get("user")),
-        "url": shown_url(str(get_current_url(env))) if env else None,
+        "url": url,
         "queued": float(queued) if isinstance(queued, (int, float)) and not isinstance(queued, bool) else None,
     }

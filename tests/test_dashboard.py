@@ -225,6 +225,28 @@ def test_the_json_endpoint_prints_what_flask_async_status_json_prints(ops_app, a
     assert live.headers["X-Pma-Fragment"] == "1" and 'id="pma-queues"' in fragment and "<html" not in fragment
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        json.dumps({"headers": [1]}),
+        "[" * 5000 + "]" * 5000,
+        "not json at all",
+        # A context whose environ no request could have: a scheme that is not a string.
+        json.dumps({"headers": {"pymacaron_async_context": '{"env":{"wsgi.url_scheme":7}}.x'}}),
+    ],
+    ids=["headers-a-list", "5000-deep", "not-json", "bad-scheme"],
+)
+def test_one_malformed_item_at_the_head_of_a_queue_does_not_blind_the_status(ops_app, admin, redis_client, item):
+    redis_client.rpush(ops.QUEUE, item)  # the next one a worker would take
+    response = admin.get("/ops/status.json")
+    assert response.status_code == 200
+    status = response.get_json()
+    assert status["broker"]["ok"] and status["queues"][ops.QUEUE] == 1 and status["oldest"][ops.QUEUE] is None
+    assert admin.get("/ops/").status_code == 200
+    cli = ops_app.test_cli_runner().invoke(async_cli, ["status", "--json"])
+    assert cli.exit_code == 0 and json.loads(cli.output)["queues"][ops.QUEUE] == 1
+
+
 def test_running_tasks_show_who_queued_them_and_never_a_token(ops_app, admin, start_worker, unique):
     # prefork: Celery 5.1's threads pool was seen dropping a busy worker's replies (see test_cli).
     worker = start_worker(WORKER, "--pool=prefork", "--concurrency=1", queue=ops.QUEUE)
