@@ -5,7 +5,7 @@ with open("README.rst", encoding="utf-8") as f:
 
 setup(
     name="flask-pymacaron-async",
-    version="0.2.0",
+    version="0.3.0",
     description="Background tasks for Flask on Celery + Redis, run inside the caller's request and user context",
     long_description=long_description,
     long_description_content_type="text/x-rst",
@@ -43,7 +43,7 @@ setup(
         "docs": ["sphinx>=7", "furo"],
     },
     entry_points={
-        "flask.commands": ["async=flask_pymacaron_async.cli:async_cli"],
+        "flask.commands": ["async=flask_pymacaron_async._cli:async_cli"],
         "console_scripts": ["pymacaron-async=pymacaron_async.__main__:main"],
     },
     classifiers=[

@@ -58,14 +58,16 @@ ABLATE_ENV = "PMA_BENCH_ABLATE"
 
 
 def _patch(variant: str) -> None:
-    from flask_pymacaron_async import context, publish, serialization
-    from flask_pymacaron_async.task import ContextTask
+    from flask_pymacaron_async import _context as context
+    from flask_pymacaron_async import _publish as publish
+    from flask_pymacaron_async import serialization
+    from flask_pymacaron_async._task import ContextTask
 
     steps = set(filter(None, variant.split(",")))
     if "client_cache" in steps:
         _cache_clients()
     if "no_sign" in steps:
-        from flask_pymacaron_async import amqp
+        from flask_pymacaron_async import _amqp as amqp
 
         context.ContextSigner.sign = lambda self, payload, *message: f"{payload}.unsigned"  # type: ignore[method-assign]
         amqp.dumps = lambda body, serializer=None: (None, None, b"")  # type: ignore[assignment]
@@ -81,7 +83,7 @@ def _patch(variant: str) -> None:
 
 def _cache_clients() -> None:
     """One redis-py client per channel for kombu's synchronous commands (it builds one per command)."""
-    from flask_pymacaron_async import transport
+    from flask_pymacaron_async import _transport as transport
 
     create = transport.Channel.make_client
 
@@ -105,7 +107,7 @@ def patch_worker(variant: str, celery: Any) -> None:
         celery.conf.broker_transport = None
         celery.conf.worker_consumer = "celery.worker.consumer:Consumer"
     if "child_noop" in steps:
-        from flask_pymacaron_async.task import ContextTask
+        from flask_pymacaron_async._task import ContextTask
 
         ContextTask.__call__ = lambda self, *args, **kwargs: self.run(*args, **kwargs)  # type: ignore[method-assign]
 

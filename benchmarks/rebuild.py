@@ -51,7 +51,8 @@ def _per_call(func: Callable[[], Any], loops: int = LOOPS) -> float:
 
 def measure() -> dict[str, Any]:
     from benchmarks.app_ext import app, load_user, noop
-    from flask_pymacaron_async import context, runner
+    from flask_pymacaron_async import _context as context
+    from flask_pymacaron_async import _runner as runner
 
     state = app.extensions["pymacaron_async"]
     task = noop.celery_task
@@ -104,7 +105,8 @@ def measure() -> dict[str, Any]:
 def _big_app_paths() -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``ext_pushed`` and ``ext_full`` for the benchmark app with 1,000 more routes over 50 blueprints."""
     from benchmarks.app_ext import create_app, noop
-    from flask_pymacaron_async import context, runner
+    from flask_pymacaron_async import _context as context
+    from flask_pymacaron_async import _runner as runner
 
     big = create_app(big=True)
     state = big.extensions["pymacaron_async"]

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from . import devserver as _devserver  # noqa: F401  (hooks the app into `flask run` / `app.run()`)
+from . import _devserver  # noqa: F401  (hooks the app into `flask run` / `app.run()`)
+from ._deadletter import DeadLetter
+from ._extension import PymacaronAsync
+from ._state import AsyncState
+from ._task import AsyncTask, ContextTask, asynctask
 from .errors import AsyncError, AsyncUnavailable, ConfigError, ContextError, MessageTooLarge
-from .extension import PymacaronAsync
-from .task import AsyncTask, ContextTask, asynctask
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AsyncError",
+    "AsyncState",
     "AsyncTask",
     "AsyncUnavailable",
     "ConfigError",
     "ContextError",
     "ContextTask",
+    "DeadLetter",
     "MessageTooLarge",
     "PymacaronAsync",
     "asynctask",

@@ -198,7 +198,7 @@ def task_sender(amqp: Any) -> Callable[..., Any]:
     """Celery's function that publishes a task message (Celery 5.1.2–5.7.0).
 
     Public alternative: ``AMQP.send_task_message``, the cached property that
-    :class:`~flask_pymacaron_async.amqp.AMQP` overrides to wrap this one.
+    :class:`~flask_pymacaron_async._amqp.AMQP` overrides to wrap this one.
     """
     return amqp._create_task_sender()  # type: ignore[no-any-return]
 
@@ -401,7 +401,7 @@ class KombuConnection(kombu_connection.Connection):
     With a broker URL listing several hosts (``sentinel://a;sentinel://b``),
     kombu's ``switch`` (called when a connection fails) takes the transport
     from the next URL's scheme, dropping the one given at construction: a
-    connection of :class:`~flask_pymacaron_async.transport.SentinelTransport`
+    connection of :class:`~flask_pymacaron_async._transport.SentinelTransport`
     became one of kombu's own Sentinel transport, without the dead letters,
     the atomic take or ``min_replicas``. The body is kombu's ``switch``
     (kombu 5.2.0–5.7.0) without that override; a connection given no

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from . import config, process
-from .deadletter import SCHEDULED_SUFFIX
+from ._deadletter import SCHEDULED_SUFFIX
 from .errors import one_line
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 :func:`start_worker` runs ``flask async worker`` for an app, in a child
 process this one owns (:class:`WorkerProcess`): the development server uses
-it (see :mod:`~flask_pymacaron_async.devserver`), and so does the pytest
+it (see :mod:`~flask_pymacaron_async._devserver`), and so does the pytest
 plugin's ``async_worker``.
 
 The worker learns its parent's pid and broker URL from the environment
@@ -20,8 +20,8 @@ import sys
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import process
+from ._state import state_for
 from .process import popen_tied, watch_parent
-from .state import state_for
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -25,16 +25,17 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from . import broker, runner
-from .publish import captured
+from . import _runner as runner
+from . import broker
+from ._publish import captured
+from ._state import state_for
 from .spawn import DEV_WORKER_OPTIONS, WorkerProcess, app_import_path, start_worker
-from .state import state_for
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
     from flask import Flask
 
-    from .task import ContextTask
+    from ._task import ContextTask
 
 
 class CapturedTask:

@@ -218,7 +218,7 @@ def _close_celery_pools():
     whichever test happens to run when the garbage collector does.
     """
     yield
-    from flask_pymacaron_async.state import states
+    from flask_pymacaron_async._state import states
 
     for state in states():
         state.celery.close()

@@ -324,7 +324,7 @@ def unique_queue() -> str:
 
 def cli(app, *args: str):
     """The result of ``flask async ARGS`` for ``app`` (Flask's CLI test runner)."""
-    from flask_pymacaron_async.cli import async_cli
+    from flask_pymacaron_async._cli import async_cli
 
     return app.test_cli_runner().invoke(async_cli, list(args))
 

@@ -137,7 +137,7 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
     """The second call of a task in a batch copies the first one's message: the same as Celery's own, byte for byte."""
     from flask import g
 
-    from flask_pymacaron_async.task import ContextTask
+    from flask_pymacaron_async._task import ContextTask
 
     queue = unique_queue()
     app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="immediate")
@@ -184,7 +184,7 @@ def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_bui
     """Outside a batch too: after a task's first call in a thread, its calls are copies of that message."""
     import threading
 
-    from flask_pymacaron_async.task import ContextTask
+    from flask_pymacaron_async._task import ContextTask
 
     queue = unique_queue()
     app = reliable.create_app(broker=server.url, queue=queue, PYMACARON_ASYNC_PUBLISH="immediate")
@@ -274,7 +274,7 @@ def test_an_immediate_copy_to_a_broker_that_died_raises_or_runs_inline(server):
 
 @pytest.mark.parametrize("setting", [{"task_compression": "gzip"}], ids=["compressed"])
 def test_what_a_copy_could_get_wrong_goes_through_celery(server, monkeypatch, setting):
-    from flask_pymacaron_async.task import ContextTask
+    from flask_pymacaron_async._task import ContextTask
 
     queue = unique_queue()
     app = reliable.create_app(broker=server.url, queue=queue, CELERY={"task_default_queue": queue, **setting})

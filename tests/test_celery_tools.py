@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 from celery import Celery
 
-from flask_pymacaron_async import context, process
+from flask_pymacaron_async import _context as context
+from flask_pymacaron_async import process
 from tests.apps import basic
 from tests.conftest import ROOT, _free_port
 from tests.faults import wait_for

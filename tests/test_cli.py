@@ -13,7 +13,7 @@ import celery
 import pytest
 from flask import Flask
 
-from flask_pymacaron_async.cli import async_cli
+from flask_pymacaron_async._cli import async_cli
 from tests.apps import basic
 from tests.conftest import ROOT, _free_port
 

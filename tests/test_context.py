@@ -67,7 +67,7 @@ def test_headers_allowlist_can_carry_authorization(broker_url):
 
     app = create_app(PYMACARON_ASYNC_CONTEXT_HEADERS=["Authorization"])
     state = app.extensions["pymacaron_async"]
-    from flask_pymacaron_async import context
+    from flask_pymacaron_async import _context as context
 
     with app.test_request_context("/", headers={"Authorization": "Bearer ok"}):
         snapshot = context.ContextSigner.decode(f"{context.take(state)}.sig")
@@ -86,7 +86,7 @@ def test_snapshot_taken_once_per_request(app):
     ext.users.dumper = counting
     try:
         state = app.extensions["pymacaron_async"]
-        from flask_pymacaron_async import context
+        from flask_pymacaron_async import _context as context
 
         with app.test_request_context("/x"):
             assert context.take(state) is context.take(state)
@@ -167,7 +167,7 @@ def test_flask_login_current_user_without_hooks(login_worker, reports, unique):
     ids=["usual", "unusual", "https-ipv6"],
 )
 def test_a_snapshot_travels_compact_and_is_read_back_whole(env):
-    from flask_pymacaron_async.context import ContextSigner
+    from flask_pymacaron_async._context import ContextSigner
 
     signer = ContextSigner("k")
     snapshot = {"app": "a", "rid": env["HTTP_X_REQUEST_ID"], "user": 7, "env": env}
@@ -191,7 +191,7 @@ def test_a_snapshot_travels_compact_and_is_read_back_whole(env):
 
 def test_a_payload_reads_back_every_key_and_value_exactly():
     """Quotes, backslashes and non-ASCII in values; header names that look like the payload's short names."""
-    from flask_pymacaron_async.context import ContextSigner
+    from flask_pymacaron_async._context import ContextSigner
 
     env = {
         "REQUEST_METHOD": "POST",
@@ -215,7 +215,7 @@ def test_a_payload_reads_back_every_key_and_value_exactly():
 
 def test_a_token_of_an_older_sender_verifies():
     """Earlier senders wrote plain JSON and the whole HMAC: a worker of this version still accepts their tokens."""
-    from flask_pymacaron_async import context
+    from flask_pymacaron_async import _context as context
 
     signer = context.ContextSigner("k")
     payload = json.dumps({"app": "a", "rid": "r", "user": 1, "env": {"PATH_INFO": "/old"}, "ts": 1})
@@ -235,7 +235,7 @@ def test_signing_again_with_the_last_payload_signs_as_at_first():
     import hashlib
     import hmac
 
-    from flask_pymacaron_async import context
+    from flask_pymacaron_async import _context as context
 
     signer = context.ContextSigner("k", fallbacks=["old"])
     key = context._derive("k")
@@ -258,7 +258,7 @@ def test_signing_again_with_the_last_payload_signs_as_at_first():
 
 
 def test_a_whole_snapshot_from_an_older_sender_is_read_as_before():
-    from flask_pymacaron_async.context import ContextSigner
+    from flask_pymacaron_async._context import ContextSigner
 
     env = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/x", "SERVER_NAME": "h", "SERVER_PORT": "81", "HTTP_HOST": "h:81"}
     payload = json.dumps({"app": "a", "rid": "old", "user": None, "env": env, "ts": 1})
@@ -270,8 +270,8 @@ def test_a_request_without_an_id_gets_one_that_its_logs_and_tasks_share():
     """The id made for a request without X-Request-Id is the one its log lines and its tasks' requests carry."""
     import logging
 
-    from flask_pymacaron_async import context
-    from flask_pymacaron_async.state import state_for
+    from flask_pymacaron_async import _context as context
+    from flask_pymacaron_async._state import state_for
     from flask_pymacaron_async.tracing import RequestIdFilter
 
     app = basic.create_app()

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 
 from flask_pymacaron_async import PymacaronAsync
-from flask_pymacaron_async.cli import async_cli
+from flask_pymacaron_async._cli import async_cli
 from tests.apps import ops
 
 WORKER = "tests.apps.ops:celery"
@@ -277,7 +277,7 @@ def test_running_tasks_show_who_queued_them_and_never_a_token(ops_app, admin, st
 def test_the_page_on_rabbitmq_shows_depth_without_an_oldest_age(rabbitmq_url, unique):
     from kombu import Connection
 
-    from flask_pymacaron_async import deadletter
+    from flask_pymacaron_async import _deadletter as deadletter
 
     queue = f"{os.environ['PMA_TEST_QUEUE']}-ops-amqp-{unique}"
     app = ops.create_app(PYMACARON_ASYNC_BROKER_URL=rabbitmq_url, CELERY={"task_default_queue": queue})
@@ -316,7 +316,7 @@ def test_requeue_one_then_all_run_again_and_are_logged_with_the_user(ops_app, ad
     html = _page(admin)
     assert first in html and "first run of one fails" in html and 'id="pma-failures"' in html
     token = _token(html)
-    caplog.set_level(logging.WARNING, "flask_pymacaron_async.dashboard")
+    caplog.set_level(logging.WARNING, "flask_pymacaron_async._dashboard")
 
     response = admin.post("/ops/requeue", data={"csrf_token": token, "confirmed": "1", "id": first})
     assert response.status_code == 302

@@ -16,7 +16,7 @@ import uuid
 import pytest
 from flask import Flask
 
-from flask_pymacaron_async import context
+from flask_pymacaron_async import _context as context
 from tests.apps import reliable
 from tests.faults import RedisServer, children, kill_tree, rss_kib, unique_queue, wait_for
 from tests.faults import cli as _cli

@@ -108,6 +108,28 @@ def test_public_name_is_in_the_api_docs(name):
     assert _is_documented(getattr(flask_pymacaron_async, name)), f"no autodoc directive in docs/ covers {name}"
 
 
+#: The modules a user imports besides the package itself; every other one is underscored.
+PUBLIC_MODULES = {"broker", "config", "errors", "process", "serialization", "signals", "spawn", "testing", "tracing"}
+
+
+def test_every_module_is_public_by_name_or_underscored():
+    package = Path(flask_pymacaron_async.__file__).parent
+    names = {path.stem for path in package.glob("*.py")} - {"__init__"}
+    assert {n for n in names if not n.startswith("_")} == PUBLIC_MODULES
+
+
+def test_the_api_page_documents_the_public_surface_only():
+    """Every autodoc target of docs/api.rst is the package itself, a name it exports, or a public module's."""
+    text = (DOCS / "api.rst").read_text(encoding="utf-8")
+    targets = [target for _, target, _ in _AUTODOC.findall(text)]
+    assert targets
+    for target in targets:
+        parts = target.split(".")
+        assert parts[0] == "flask_pymacaron_async", target
+        assert not any(part.startswith("_") for part in parts[1:]), f"{target}: an internal name in the API docs"
+        assert len(parts) == 1 or parts[1] in PUBLIC_MODULES or parts[1] in flask_pymacaron_async.__all__, target
+
+
 @pytest.mark.parametrize("name", [n for n, v in vars(signals).items() if isinstance(v, Signal)])
 def test_signal_is_documented(name):
     assert _is_documented(getattr(signals, name)), f"signals.{name} is not in the docs"
@@ -166,7 +188,7 @@ def test_pytest_fixtures_are_documented():
 
 
 def test_cli_commands_and_options_are_documented():
-    from flask_pymacaron_async.cli import async_cli
+    from flask_pymacaron_async._cli import async_cli
 
     text = "\n".join(_sources().values())
     for name, command in async_cli.commands.items():

@@ -53,7 +53,7 @@ def test_two_apps_one_extension_have_their_own_celery_and_config():
 
 
 def test_nothing_created_at_import_time():
-    from flask_pymacaron_async import state
+    from flask_pymacaron_async import _state as state
 
     ext = PymacaronAsync()
     assert not state.states(ext)

@@ -23,7 +23,8 @@ import time
 
 import pytest
 
-from flask_pymacaron_async import AsyncUnavailable, transport
+from flask_pymacaron_async import AsyncUnavailable
+from flask_pymacaron_async import _transport as transport
 from tests.apps import reliable
 from tests.conftest import BROKER_URL
 from tests.faults import SentinelSet, unique_queue, wait_for

@@ -10,7 +10,9 @@ from unittest import mock
 import pytest
 from flask import Flask, request
 
-from flask_pymacaron_async import ConfigError, ContextError, PymacaronAsync, context, transport
+from flask_pymacaron_async import ConfigError, ContextError, PymacaronAsync
+from flask_pymacaron_async import _context as context
+from flask_pymacaron_async import _transport as transport
 
 ext = PymacaronAsync()
 SEEN: list = []
@@ -121,13 +123,13 @@ def test_snapshot_max_age():
     snapshot = {"app": "a", "rid": None, "user": None, "env": None}
     fresh = _signed(signer, snapshot)
     assert signer.verify(fresh, "t", "id-1", b"[]", max_age=60)["ts"] == pytest.approx(time.time(), abs=5)
-    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 3600):
+    with mock.patch("flask_pymacaron_async._context.time.time", return_value=time.time() - 3600):
         old = _signed(signer, snapshot)
     with pytest.raises(ContextError, match=r"expired: signed 3\d\d\ds ago, over PYMACARON_ASYNC_CONTEXT_MAX_AGE=60"):
         signer.verify(old, "t", "id-1", b"[]", max_age=60)
     assert signer.verify(old, "t", "id-1", b"[]")["env"] is None  # no max age: any age
     # A worker whose clock runs behind the caller's does not see it as expired.
-    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() + 600):
+    with mock.patch("flask_pymacaron_async._context.time.time", return_value=time.time() + 600):
         ahead = _signed(signer, snapshot)
     assert signer.verify(ahead, "t", "id-1", b"[]", max_age=60)
     unstamped = signer.sign('{"app":"a","env":null}', "t", "id-1", b"[]")
@@ -162,7 +164,7 @@ def test_a_task_queued_from_a_task_is_signed_again():
     SEEN.clear()
     six_days_ago = time.time() - 6 * 24 * 3600
     with app.test_request_context("/start"):
-        with mock.patch("flask_pymacaron_async.context.time.time", return_value=six_days_ago):
+        with mock.patch("flask_pymacaron_async._context.time.time", return_value=six_days_ago):
             token = context.take(app.extensions["pymacaron_async"])
         outer.delay()
     assert token
@@ -220,7 +222,7 @@ def test_an_error_while_celery_handles_a_message_rejects_the_message(app, monkey
     """Whatever Celery raises on a message that passed the checks, the message goes, the worker stays."""
     from celery.worker.consumer import Consumer as CeleryConsumer
 
-    from flask_pymacaron_async.consumer import Consumer
+    from flask_pymacaron_async._consumer import Consumer
 
     raised = []
 

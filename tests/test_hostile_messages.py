@@ -22,7 +22,8 @@ from unittest import mock
 
 import pytest
 
-from flask_pymacaron_async import MessageTooLarge, context
+from flask_pymacaron_async import MessageTooLarge
+from flask_pymacaron_async import _context as context
 from tests.apps import reliable
 from tests.conftest import Worker
 from tests.faults import RedisServer, unique_queue, wait_for
@@ -145,7 +146,7 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
         return raw(m)
 
     valid = raw(message())
-    with mock.patch("flask_pymacaron_async.context.time.time", return_value=time.time() - 8 * 24 * 3600):
+    with mock.patch("flask_pymacaron_async._context.time.time", return_value=time.time() - 8 * 24 * 3600):
         old_payload = signer.payload({k: v for k, v in snapshot.items() if k != "ts"})
     forged = {**snapshot, "user": "admin"}
     forged_token = json.dumps(forged, separators=(",", ":")) + "." + good_token.rsplit(".", 1)[1]

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from flask import Flask, g, request
 
-from flask_pymacaron_async import AsyncUnavailable, PymacaronAsync, _compat, context
-from flask_pymacaron_async.cli import async_cli
+from flask_pymacaron_async import AsyncUnavailable, PymacaronAsync, _compat
+from flask_pymacaron_async import _context as context
+from flask_pymacaron_async._cli import async_cli
 from tests.conftest import ROOT
 from tests.faults import alive, free_port
 

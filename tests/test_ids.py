@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from flask_pymacaron_async import ids
+from flask_pymacaron_async import _ids as ids
 
 
 def test_ids_are_random_uuid4_text() -> None:

@@ -245,7 +245,7 @@ def test_wheel_installs_in_a_fresh_venv_and_imports_every_public_name(dists, tmp
     assert seen["version"] == flask_pymacaron_async.__version__
     assert seen["result"] == [7, "/smoke"]
     assert seen["dashboard"] == [200, True, 200, 200]
-    assert "flask.commands:async=flask_pymacaron_async.cli:async_cli" in seen["entry_points"]
+    assert "flask.commands:async=flask_pymacaron_async._cli:async_cli" in seen["entry_points"]
     assert not [e for e in seen["entry_points"] if e.startswith("pytest11:")]  # opt-in plugin
     assert seen["pymacaron_async"]
     scripts = [e.split(":", 1)[1].split("=")[0] for e in seen["entry_points"] if e.startswith("console_scripts:")]

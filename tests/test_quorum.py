@@ -18,7 +18,8 @@ import celery
 import pytest
 from kombu import Connection, Queue
 
-from flask_pymacaron_async import amqp, deadletter
+from flask_pymacaron_async import _amqp as amqp
+from flask_pymacaron_async import _deadletter as deadletter
 from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable
 from tests.faults import cli as _cli

@@ -17,7 +17,8 @@ import uuid
 import pytest
 from kombu import Connection
 
-from flask_pymacaron_async import context, deadletter
+from flask_pymacaron_async import _context as context
+from flask_pymacaron_async import _deadletter as deadletter
 from tests.apps import reliable
 from tests.faults import cli as _cli
 from tests.faults import listed_dead as _dead

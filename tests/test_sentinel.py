@@ -17,7 +17,8 @@ import pytest
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
-from flask_pymacaron_async import AsyncUnavailable, transport
+from flask_pymacaron_async import AsyncUnavailable
+from flask_pymacaron_async import _transport as transport
 from flask_pymacaron_async._compat import KombuRedisChannel
 from flask_pymacaron_async.errors import ConfigError
 from tests.apps import reliable

@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 import pytest
 
-from flask_pymacaron_async import devserver, spawn
+from flask_pymacaron_async import _devserver as devserver
+from flask_pymacaron_async import spawn
 from tests.conftest import ROOT, _free_port
 from tests.faults import alive
 

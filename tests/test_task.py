@@ -12,7 +12,7 @@ from celery import Celery, chain, group
 from celery.result import AsyncResult
 from flask import g
 
-from flask_pymacaron_async import context
+from flask_pymacaron_async import _context as context
 from tests.apps import basic
 
 

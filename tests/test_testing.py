@@ -277,13 +277,13 @@ def test_a_project_that_does_not_ask_for_the_plugin_imports_nothing_of_it(tmp_pa
     assert not {name for name in imported if name.split(".")[0] in heavy}
     # The same measure sees them when the project asks for the plugin.
     asked = _imported(tmp_path, "-p", "flask_pymacaron_async.testing")
-    assert {"flask_pymacaron_async.publish", "celery", "kombu"} <= asked
+    assert {"flask_pymacaron_async._publish", "celery", "kombu"} <= asked
 
 
 def test_plugin_module_creates_nothing_at_import():
     code = (
         "import sys, threading; import flask_pymacaron_async.testing as t; "
-        "import flask_pymacaron_async.state as e; "
+        "import flask_pymacaron_async._state as e; "
         "assert not e.states(), 'a state'; assert threading.active_count() == 1, 'a thread'; "
         "print(json.dumps(sorted(n for n in dir(t) if not n.startswith('_'))))"
     )

@@ -14,7 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-from flask_pymacaron_async import context, tracing  # noqa: E402
+from flask_pymacaron_async import _context as context  # noqa: E402
+from flask_pymacaron_async import tracing
 from tests.faults import wait_for  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from pymacaron.auth import authenticate_http_request
 from pymacaron.exceptions import PyMacaronException
 
 from flask_pymacaron_async import PymacaronAsync
-from flask_pymacaron_async.status import shown_user
+from flask_pymacaron_async._status import shown_user
 from pymacaron_async import auth
 from pymacaron_async.extension import init_app
 

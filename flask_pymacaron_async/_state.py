@@ -17,14 +17,16 @@ from celery import Celery
 from celery import signals as celery_signals
 from flask import Flask, appcontext_popped, appcontext_pushed, current_app, has_app_context
 
-from . import _compat, context, serialization, transport
+from . import _compat, serialization
+from . import _context as context
+from . import _transport as transport
+from ._context import ContextSigner
+from ._users import UserHooks
 from .config import PUBLISH_MODES, Settings
-from .context import ContextSigner
-from .users import UserHooks
 
 if TYPE_CHECKING:
-    from .publish import Publisher
-    from .task import AsyncTask, ContextTask
+    from ._publish import Publisher
+    from ._task import AsyncTask, ContextTask
 
 #: Key of the per-app state in ``app.extensions``.
 EXTENSION_KEY = "pymacaron_async"
@@ -162,8 +164,8 @@ def make_celery(state: AsyncState) -> Celery:
     celery = _compat.CombiningCelery(
         state.import_name,
         set_as_current=False,
-        task_cls="flask_pymacaron_async.task:ContextTask",
-        amqp="flask_pymacaron_async.amqp:AMQP",
+        task_cls="flask_pymacaron_async._task:ContextTask",
+        amqp="flask_pymacaron_async._amqp:AMQP",
     )
     timeout = s.publish_timeout
     celery.conf.update(

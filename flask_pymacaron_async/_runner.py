@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.wsgi import get_current_url
 
-from . import context, signals
+from . import _context as context
+from . import signals
 from .errors import CONTROL_FLOW
 
 if TYPE_CHECKING:
-    from .state import AsyncState
-    from .task import ContextTask
+    from ._state import AsyncState
+    from ._task import ContextTask
 
 
 def run_in_context(

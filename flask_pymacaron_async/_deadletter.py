@@ -571,7 +571,7 @@ def amqp_arguments(max_entries: int, quorum: bool = False) -> dict[str, Any]:
 
 def amqp_copy(message: Any) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """Body, headers and properties to publish a copy of a received message."""
-    from .context import VERIFIED
+    from ._context import VERIFIED
 
     headers = dict(message.headers or {})
     # The body is already decompressed; the worker's marker must never leave the worker.

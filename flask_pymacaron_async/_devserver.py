@@ -27,8 +27,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import broker
+from ._state import AsyncState, on_init_app, state_for
 from .spawn import WorkerProcess, spawned_by, start_worker
-from .state import AsyncState, on_init_app, state_for
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -6,11 +6,14 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
 from flask import Flask
 
-from . import dashboard, deadletter, publish, state
+from . import _dashboard as dashboard
+from . import _deadletter as deadletter
+from . import _publish as publish
+from . import _state as state
+from ._publish import Publisher
+from ._task import DECLARED, AsyncTask, declare
+from ._users import UserHooks
 from .config import load_settings
-from .publish import Publisher
-from .task import DECLARED, AsyncTask, declare
-from .users import UserHooks
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Imported by the worker only (Celery's `imports`): it registers a remote-control command.
-_WORKER_IMPORT = "flask_pymacaron_async.control"
+_WORKER_IMPORT = "flask_pymacaron_async._control"
 
 
 class PymacaronAsync:
@@ -120,7 +123,7 @@ class PymacaronAsync:
         Usable anywhere (requests, scripts, CLI commands, tasks fanning out);
         nested blocks join the outer one, and in a request published
         ``after_response`` the block's tasks join the request's. When the
-        block raises, nothing is published. See :func:`flask_pymacaron_async.publish.batch`.
+        block raises, nothing is published. See :func:`flask_pymacaron_async._publish.batch`.
         """
         return publish.batch()
 

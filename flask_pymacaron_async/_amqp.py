@@ -2,7 +2,7 @@
 
 Celery's ``AMQP`` class builds a task message (headers, properties, body)
 and hands it to the producer. :class:`AMQP` adds one step in between: when
-the publisher left an unsigned snapshot (:class:`~flask_pymacaron_async.context.Unsigned`)
+the publisher left an unsigned snapshot (:class:`~flask_pymacaron_async._context.Unsigned`)
 in the context header, it signs it for this message (task name, task id, and
 the body exactly as the serializer encodes it), so that a context copied onto
 another message is refused by the worker. A message sent with Celery's own
@@ -18,7 +18,7 @@ limit and a dead-letter route into the extension's dead letters
 killed each time) ends in ``flask async dead``, not in a loop.
 
 :class:`~flask_pymacaron_async.PymacaronAsync` creates every Celery app with
-``amqp="flask_pymacaron_async.amqp:AMQP"``.
+``amqp="flask_pymacaron_async._amqp:AMQP"``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from typing import Any, Callable
 from celery.app import amqp as celery_amqp
 from kombu.serialization import dumps
 
-from . import _compat, context
-from .deadletter import DEFERRED, SUFFIX
+from . import _compat
+from . import _context as context
+from ._deadletter import DEFERRED, SUFFIX
 
 _NEVER_SENT = (context.VERIFIED, DEFERRED)
 

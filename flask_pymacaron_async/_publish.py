@@ -10,9 +10,9 @@ encoded (a ``TypeError`` naming the argument that cannot be sent), then
   published on one producer; dropped when the view failed;
 - ``after_commit`` (the app's SQLAlchemy session in a transaction): held
   until the transaction commits, dropped when it rolls back
-  (:mod:`~flask_pymacaron_async.commit`);
+  (:mod:`~flask_pymacaron_async._commit`);
 - otherwise: published now, with the context snapshot in the message
-  headers (signed for the message by :class:`~flask_pymacaron_async.amqp.AMQP`):
+  headers (signed for the message by :class:`~flask_pymacaron_async._amqp.AMQP`):
   on Redis, as a copy of the thread's template for the task once Celery
   has built one (:class:`_Copier`), else through Celery's ``apply_async``.
 
@@ -38,15 +38,20 @@ from celery.result import AsyncResult, EagerResult
 from flask import Response, after_this_request, has_app_context, has_request_context, request, request_tearing_down
 from kombu.serialization import dumps, loads
 
-from . import _compat, commit, context, ids, runner, serialization, signals, tracing, transport
-from .context import ContextSigner
+from . import _commit as commit
+from . import _compat, serialization, signals, tracing
+from . import _context as context
+from . import _ids as ids
+from . import _runner as runner
+from . import _transport as transport
+from ._context import ContextSigner
 from .errors import AsyncUnavailable, MessageTooLarge, one_line
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .state import AsyncState
-    from .task import ContextTask
+    from ._state import AsyncState
+    from ._task import ContextTask
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +218,7 @@ class Publisher:
         *,
         batched: bool = False,
     ) -> AsyncResult:
-        """Hand one call to Celery; :class:`~flask_pymacaron_async.amqp.AMQP` signs its context for the message.
+        """Hand one call to Celery; :class:`~flask_pymacaron_async._amqp.AMQP` signs its context for the message.
 
         :param batched: part of :meth:`send_many`: no signal, and a broker
             error is left to it.

@@ -16,15 +16,17 @@ from celery import Task
 from celery.exceptions import Reject
 from flask import has_app_context
 
-from . import context, runner, tracing
-from . import state as states
+from . import _context as context
+from . import _runner as runner
+from . import _state as states
+from . import tracing
 from .errors import ContextError
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
     from celery.result import AsyncResult, EagerResult
 
-    from .state import AsyncState
+    from ._state import AsyncState
 
 R = TypeVar("R")
 
@@ -44,8 +46,8 @@ class ContextTask(Task):
     pma_queue: str | None = None
     #: Per-task override of ``PYMACARON_ASYNC_PUBLISH``.
     pma_publish: str | None = None
-    #: Reports a hard time limit like a failure (see :class:`flask_pymacaron_async.consumer.Request`).
-    Request = "flask_pymacaron_async.consumer:Request"
+    #: Reports a hard time limit like a failure (see :class:`flask_pymacaron_async._consumer.Request`).
+    Request = "flask_pymacaron_async._consumer:Request"
 
     @property
     def pma_state(self) -> AsyncState:
@@ -93,7 +95,7 @@ class ContextTask(Task):
         if theirs != Task.Request:
             from celery.utils.imports import symbol_by_name
 
-            from .consumer import Request as OwnRequest
+            from ._consumer import Request as OwnRequest
 
             theirs = symbol_by_name(theirs)
             if not issubclass(theirs, OwnRequest):

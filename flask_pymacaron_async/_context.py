@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 class Owner(Protocol):
-    """What this module needs of the per-app state (:class:`~flask_pymacaron_async.state.AsyncState`)."""
+    """What this module needs of the per-app state (:class:`~flask_pymacaron_async._state.AsyncState`)."""
 
     app: Flask
     import_name: str
@@ -359,7 +359,7 @@ class Unsigned(str):
     """A snapshot payload waiting for its signature.
 
     The publisher puts one in the :data:`HEADER` header; the Celery app's
-    :class:`~flask_pymacaron_async.amqp.AMQP` replaces it with the token
+    :class:`~flask_pymacaron_async._amqp.AMQP` replaces it with the token
     signed for the message, once the message's id and body are final.
     """
 

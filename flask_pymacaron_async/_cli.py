@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import click
 from flask.cli import AppGroup, ScriptInfo, pass_script_info
 
-from . import _compat, broker, deadletter, spawn
+from . import _compat, broker, spawn
+from . import _deadletter as deadletter
+from ._state import AsyncState, state_for
+from ._status import collect_status
 from .process import watch_parent
-from .state import AsyncState, state_for
-from .status import collect_status
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -38,14 +38,14 @@ from flask import (
 )
 
 from . import broker
-from .state import state_for
-from .status import collect_status, shown_user
+from ._state import state_for
+from ._status import collect_status, shown_user
 
 if TYPE_CHECKING:
     from flask import Response
     from flask.typing import ResponseReturnValue
 
-    from .state import AsyncState
+    from ._state import AsyncState
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@
   envelope) raises inside the worker's event loop: Celery stops with
   "Unrecoverable error". Here such an item is logged on one line and moved
   into the dead letters of its queue in the same atomic step that takes it
-  (:mod:`flask_pymacaron_async.deadletter`), and the worker goes on with the
+  (:mod:`flask_pymacaron_async._deadletter`), and the worker goes on with the
   next one. What is inside a readable envelope (headers, body, signature) is
-  checked by :class:`flask_pymacaron_async.consumer.Consumer`, which
+  checked by :class:`flask_pymacaron_async._consumer.Consumer`, which
   dead-letters what it refuses through :meth:`Channel.pma_dead_letter`.
 
 The same implementation serves a Redis behind Sentinel (``sentinel://``):
@@ -62,18 +62,19 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import deadletter, ids
+from . import _deadletter as deadletter
+from . import _ids as ids
 from ._compat import KombuRedisChannel, KombuRedisQoS, KombuRedisTransport, pool_connection
 from .errors import AsyncUnavailable, one_line
 
 log = logging.getLogger(__name__)
 
 #: ``broker_transport`` value that selects :class:`Transport`.
-TRANSPORT = "flask_pymacaron_async.transport:Transport"
+TRANSPORT = "flask_pymacaron_async._transport:Transport"
 #: ``broker_transport`` value that selects :class:`SentinelTransport`.
-SENTINEL_TRANSPORT = "flask_pymacaron_async.transport:SentinelTransport"
-#: ``worker_consumer`` value that selects :class:`~flask_pymacaron_async.consumer.Consumer`.
-CONSUMER = "flask_pymacaron_async.consumer:Consumer"
+SENTINEL_TRANSPORT = "flask_pymacaron_async._transport:SentinelTransport"
+#: ``worker_consumer`` value that selects :class:`~flask_pymacaron_async._consumer.Consumer`.
+CONSUMER = "flask_pymacaron_async._consumer:Consumer"
 
 # Broker URL schemes served by kombu's plain Redis transport, and by its Sentinel one.
 _REDIS_SCHEMES = ("redis", "rediss")

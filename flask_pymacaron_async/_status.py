@@ -24,19 +24,20 @@ from urllib.parse import parse_qsl, urlencode
 
 from werkzeug.wsgi import get_current_url
 
-from . import broker, deadletter
-from .context import HEADER, ContextSigner
+from . import _deadletter as deadletter
+from . import broker
+from ._context import HEADER, ContextSigner
 from .errors import ContextError, one_line
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .state import AsyncState
+    from ._state import AsyncState
 
 #: How many dead letters, and failures among them, a status lists (the counts cover them all).
 DEAD_SHOWN = 100
 FAILURES_SHOWN = 20
-#: The remote-control command :mod:`flask_pymacaron_async.control` registers in the worker.
+#: The remote-control command :mod:`flask_pymacaron_async._control` registers in the worker.
 RUNNING_COMMAND = "pma_running"
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ refuses. :class:`Consumer` checks each message first: its headers, task name,
 content type, size, body, arguments against the task's signature, and the
 context snapshot signed for this very message. A message that fails is
 logged on one line with the reason and moved into the dead letters of its
-queue (:mod:`flask_pymacaron_async.deadletter`); the worker goes on.
+queue (:mod:`flask_pymacaron_async._deadletter`); the worker goes on.
 
 Two refusals are often a deploy in progress rather than a bad message: a
 task this worker does not know, and arguments that do not match this
@@ -17,7 +17,7 @@ seconds later each time, for ``PYMACARON_ASYNC_DEPLOY_GRACE`` seconds from
 the first refusal (a worker that knows it may take it meanwhile); then to
 the dead letters.
 
-:func:`flask_pymacaron_async.transport.configure` selects it through
+:func:`flask_pymacaron_async._transport.configure` selects it through
 Celery's ``worker_consumer`` setting.
 """
 
@@ -39,10 +39,13 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
-from . import _compat, context, deadletter, runner, serialization, signals
+from . import _compat, serialization, signals
+from . import _context as context
+from . import _deadletter as deadletter
+from . import _runner as runner
+from ._transport import broker_errors
 from .config import DEFAULTS
 from .errors import ContextError, one_line
-from .transport import broker_errors
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +444,7 @@ def check_message(
     """Why the worker of ``app`` must not run ``message`` now, or None when it may.
 
     A message that passes and carries a context is marked verified (header
-    :data:`~flask_pymacaron_async.context.VERIFIED`) for the task that runs it.
+    :data:`~flask_pymacaron_async._context.VERIFIED`) for the task that runs it.
 
     :param app: the Celery app of the worker.
     :param message: a kombu message whose envelope was readable.

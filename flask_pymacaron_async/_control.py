@@ -19,7 +19,7 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
-from .context import HEADER
+from ._context import HEADER
 
 #: Name of the remote-control command (``celery.control.broadcast(COMMAND, reply=True)``).
 COMMAND = "pma_running"
