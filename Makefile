@@ -1,18 +1,25 @@
 # `make test` and `make demo` work on a machine with only Python and PyPI.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Each environment on the Python it is tested on when the machine has it (on PATH, or pyenv's),
+# else $(PYTHON): modern on the newest Python setup.py claims (3.13), legacy on pymacaron's
+# (3.11, $(PYTHON)), lowest on the oldest claimed (3.9).
+python_for = $(or $(shell for p in python$(1) "$$(pyenv prefix $(1) 2>/dev/null)/bin/python$(1)"; do \
+  "$$p" -c "import sys" >/dev/null 2>&1 && command -v "$$p" && break; done),$(PYTHON))
+PYTHON_MODERN ?= $(call python_for,3.13)
+PYTHON_LOWEST ?= $(call python_for,3.9)
 VENV := .venv
 MODERN := $(VENV)/modern
 LEGACY := $(VENV)/legacy
 LOWEST := $(VENV)/lowest
 PYTEST_ARGS ?=
 
-.PHONY: test test-modern test-legacy test-lowest lint graph docs demo bench clean browser
+.PHONY: test test-modern test-legacy test-lowest lint graph docs demo bench clean browser conformance conformance-ci
 
 # The latest versions (modern), pymacaron's (legacy), the lowest setup.py allows (lowest).
-test: lint test-modern test-legacy test-lowest docs
+test: lint test-modern conformance-ci test-legacy test-lowest docs
 
 $(MODERN)/.installed: setup.py requirements/modern.txt
-	$(PYTHON) -m venv $(MODERN)
+	$(PYTHON_MODERN) -m venv $(MODERN)
 	$(MODERN)/bin/pip install -q --upgrade pip
 	$(MODERN)/bin/pip install -q -r requirements/modern.txt -e .
 	touch $@
@@ -23,7 +30,7 @@ $(LEGACY)/.installed: setup.py requirements/legacy.txt
 	touch $@
 
 $(LOWEST)/.installed: setup.py requirements/lowest.txt
-	$(PYTHON) -m venv $(LOWEST)
+	$(PYTHON_LOWEST) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install -q -r requirements/lowest.txt -e .
 	touch $@
 
@@ -39,6 +46,22 @@ graph: $(MODERN)/.installed
 
 test-modern: $(MODERN)/.installed browser
 	$(MODERN)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Celery's own integration suite (t/integration of the installed Celery's sdist, fetched once into
+# .venv/conformance/) on raw Celery and on the extension's app, side by side: tests/conformance/run.py.
+# `make conformance` runs all of test_tasks.py and test_canvas.py on both (~40 min);
+# conformance-ci (in `make test`) the extension's side of a selection, against the known failures of raw Celery.
+CONFORMANCE_ARGS ?=
+
+$(MODERN)/.conformance: $(MODERN)/.installed requirements/conformance.txt
+	$(MODERN)/bin/pip install -q -r requirements/conformance.txt
+	touch $@
+
+conformance: $(MODERN)/.conformance
+	$(MODERN)/bin/python -m tests.conformance.run --both $(CONFORMANCE_ARGS)
+
+conformance-ci: $(MODERN)/.conformance
+	$(MODERN)/bin/python -m tests.conformance.run --ci $(CONFORMANCE_ARGS)
 
 # The dashboard's browser test drives Debian's headless Chromium (with Selenium): installed
 # when missing, as root with apt-get. Never fails the build: the test then skips, saying why.

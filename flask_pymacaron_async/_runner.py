@@ -51,10 +51,12 @@ def report_failure(
     exception reaches the caller.
     """
     state.app.logger.error(
-        "Task %s[%s] failed: %r (url=%s, user=%s, request_id=%s)",
+        "Task %s[%s] failed: %s (url=%s, user=%s, request_id=%s)",
         task_name,
         task_id,
-        exc,
+        # Text, not the exception: a handler that pickles records (Celery's
+        # test worker, a queue handler) must not meet an unpicklable one.
+        repr(exc),
         snapshot_url(snapshot),
         snapshot.get("user"),
         snapshot.get("rid"),

@@ -241,3 +241,41 @@ def test_the_task_objects_answer_celerys_task_api(app):
         assert idioms.eager_echo.request.id is None  # not running
         assert idioms.eager_echo.max_retries == idioms.eager_echo.celery_task.max_retries
         assert idioms.eager_echo.chunks([("a",), ("b",)], 1).task == "celery.chunks"
+
+
+class _NeedsBar(Exception):
+    """An exception pickle cannot rebuild (its __init__ wants an argument its args lack), as Celery's suite has."""
+
+    def __init__(self, bar):
+        super().__init__("needs bar")
+        self.bar = bar
+
+
+def test_a_failure_log_record_survives_a_handler_that_pickles_it(app, monkeypatch):
+    """Log records cross processes pickled (Celery's test worker, queue handlers): a failure's must load again."""
+    import pickle
+
+    monkeypatch.setattr(logging.getLogger("celery.app.trace"), "propagate", False)  # see above: Celery 5.1
+
+    problems = []
+
+    class Pickling(logging.Handler):
+        def emit(self, record):
+            try:
+                pickle.loads(pickle.dumps(record.args))
+            except Exception as exc:  # what a log-forwarding thread would die of
+                problems.append(exc)
+
+    @idioms.ext.task(name=f"adhoc.{uuid.uuid4().hex}")
+    def raises():
+        raise _NeedsBar(1)
+
+    handler = Pickling()
+    app.logger.addHandler(handler)
+    try:
+        with app.test_request_context(PATH, base_url=BASE):
+            result = raises.apply()
+    finally:
+        app.logger.removeHandler(handler)
+    assert isinstance(result.result, _NeedsBar)
+    assert problems == []
