@@ -166,7 +166,7 @@ _IMPORT_CHECK = textwrap.dedent(
     from flask import Flask, request
 
     names = {name: type(getattr(package, name)).__name__ for name in package.__all__}
-    for module in ("config", "context", "errors", "serialization", "signals", "task", "extension", "cli"):
+    for module in ("config", "errors", "serialization", "signals", "tracing", "process", "_context", "_task", "_cli"):
         importlib.import_module("flask_pymacaron_async." + module)
     entry_points = importlib.metadata.distribution("flask-pymacaron-async").entry_points
 
