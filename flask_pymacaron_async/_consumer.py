@@ -203,17 +203,12 @@ class Request(CeleryRequest):
     def _pma_done(self) -> None:
         """Remember that this task id succeeded (``PYMACARON_ASYNC_DONE_TTL``): a requeue will not run it again.
 
-        Written before the acknowledgement: a worker lost between the two
-        leaves a message that comes back with its id already known as done.
+        Recorded by the acknowledgement itself, in the same command (Redis brokers): no round trip of its own.
         """
         state = getattr(self.task, "pma_state", None)
         channel: Any = getattr(self.message, "channel", None)
-        if state is None or not state.settings.done_ttl or not hasattr(channel, "pma_done"):
-            return
-        try:
-            channel.pma_done(self.id, state.settings.done_ttl)
-        except Exception as exc:  # the broker is away: the task ran all the same
-            log.warning("Could not record task %s[%s] as done: %s", self.name, self.id, one_line(exc))
+        if state is not None and state.settings.done_ttl and hasattr(channel, "pma_mark_done"):
+            channel.pma_mark_done(self.message.delivery_tag, self.id, state.settings.done_ttl)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         self._pma_failed = True

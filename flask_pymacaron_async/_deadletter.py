@@ -282,8 +282,17 @@ TAKE = (
     _STORE
     + """
 for j = 7 + #KEYS, #ARGV do
-  redis.call('ZREM', ARGV[2], ARGV[j])
-  redis.call('HDEL', ARGV[1], ARGV[j])
+  local tag = ARGV[j]
+  local sep = string.find(tag, '\\n', 1, true)
+  if sep then
+    -- "<tag>\\n<done key>\\n<seconds>": the task succeeded, its id is kept as done.
+    local done = string.sub(tag, sep + 1)
+    tag = string.sub(tag, 1, sep - 1)
+    local sep2 = string.find(done, '\\n', 1, true)
+    redis.call('SET', string.sub(done, 1, sep2 - 1), '1', 'EX', tonumber(string.sub(done, sep2 + 1)))
+  end
+  redis.call('ZREM', ARGV[2], tag)
+  redis.call('HDEL', ARGV[1], tag)
 end
 for i = 1, #KEYS do
   local item = redis.call('RPOP', KEYS[i])

@@ -211,18 +211,22 @@ class QoS(KombuRedisQoS):
     def ack(self, delivery_tag: str) -> None:
         channel = self.channel
         channel._pma_keys.pop(delivery_tag, None)
+        done = channel._pma_done.pop(delivery_tag, None)
+        # The ack of a task that succeeded records its id as done in the same command (see pma_mark_done).
+        ack = delivery_tag if done is None else f"{delivery_tag}\n{done}"
         if self._pma_closed(delivery_tag, "acknowledge"):
             return
-        if channel.pma_ack_with_take(delivery_tag):
+        if channel.pma_ack_with_take(delivery_tag, ack):
             return
         with self._freed_on_broker_error(delivery_tag):
             # kombu's ack (a MULTI/EXEC through a new redis-py client), in one write.
-            channel.pma_forget_unacked([delivery_tag])
+            channel.pma_forget_unacked([ack])
             virtual.QoS.ack(self, delivery_tag)
         channel.wake_poller()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self.channel._pma_keys.pop(delivery_tag, None)
+        self.channel._pma_done.pop(delivery_tag, None)
         if self._pma_closed(delivery_tag, "reject"):
             return
         with self._freed_on_broker_error(delivery_tag):
@@ -304,6 +308,8 @@ class Channel(KombuRedisChannel):
         self._pma_no_ack: dict[str, bool] = {}
         # The list key each unacknowledged message was taken from, by delivery tag.
         self._pma_keys: dict[str, str] = {}
+        # "<done key>\n<seconds>" by delivery tag: what the message's ack records (see pma_mark_done).
+        self._pma_done: dict[str, str] = {}
         self._pma_sent = _BRPOP_CMD
         self._pma_next = _TAKE_CMD
         self._pma_atomic: bool | None = None
@@ -578,10 +584,13 @@ class Channel(KombuRedisChannel):
         deadletter.stored(description, stored, dropped, self.dead_letter_max)
         return stored
 
-    def pma_done(self, task_id: str, ttl: float) -> None:
-        """Remember for ``ttl`` seconds that task ``task_id`` succeeded (see :func:`deadletter.done_key`)."""
-        key = self._pma_key(deadletter.done_key(task_id))
-        self._pma_send([("set", (key, "1", "EX", max(1, int(ttl))))], replicated=False)
+    def pma_mark_done(self, delivery_tag: str, task_id: str, ttl: float) -> None:
+        """Have the acknowledgement of ``delivery_tag`` record that task ``task_id`` succeeded, for ``ttl`` seconds.
+
+        No command of its own: the key (:func:`deadletter.done_key`) is set
+        by the same script or transaction that acknowledges the message.
+        """
+        self._pma_done[delivery_tag] = f"{self._pma_key(deadletter.done_key(task_id))}\n{max(1, int(ttl))}"
 
     def pma_defer(self, delivery_tag: str, envelope: dict[str, Any], delay: float) -> bool:
         """Put an unacknowledged message back on its queue in ``delay`` seconds, atomically.
@@ -671,7 +680,7 @@ class Channel(KombuRedisChannel):
             # most `timeout` seconds.
             connection.send_command(_WAIT_CMD, keys[0], keys[0], "RIGHT", "RIGHT", timeout or 0)
 
-    def pma_ack_with_take(self, delivery_tag: str) -> bool:
+    def pma_ack_with_take(self, delivery_tag: str, ack: str | None = None) -> bool:
         """Acknowledge a message in the take script its freed slot sends now: one round trip for both.
 
         kombu acknowledges with a ``MULTI``/``EXEC`` it waits for, then the
@@ -689,7 +698,8 @@ class Channel(KombuRedisChannel):
         if threading.get_ident() != self._pma_loop_thread:
             return False
         virtual.QoS.ack(self.qos, delivery_tag)  # the slot is free here
-        self._pma_acks.append(delivery_tag)
+        # The take script reads "<tag>" or "<tag>\n<done key>\n<seconds>" (see pma_mark_done).
+        self._pma_acks.append(ack or delivery_tag)
         try:
             self.wake_poller()
         finally:
@@ -698,10 +708,19 @@ class Channel(KombuRedisChannel):
                 self.pma_forget_unacked(tags)
         return True
 
-    def pma_forget_unacked(self, tags: list[str]) -> None:
-        """Remove messages from Redis's record of unacknowledged ones (kombu's ack, for several)."""
+    def pma_forget_unacked(self, acks: list[str]) -> None:
+        """Remove messages from Redis's record of unacknowledged ones (kombu's ack, for several).
+
+        :param acks: delivery tags, each followed by ``\n<done key>\n<seconds>`` for a task that succeeded.
+        """
         index, unacked = self._pma_key(self.unacked_index_key), self._pma_key(self.unacked_key)
-        commands = [command for tag in tags for command in (("zrem", (index, tag)), ("hdel", (unacked, tag)))]
+        commands: list[tuple[str, tuple[Any, ...]]] = []
+        for ack in acks:
+            tag, _, done = ack.partition("\n")
+            commands += [("zrem", (index, tag)), ("hdel", (unacked, tag))]
+            if done:
+                key, _, seconds = done.partition("\n")
+                commands.append(("set", (key, "1", "EX", int(seconds))))
         self._pma_send(commands, replicated=False)
 
     def take_read(self, **options: Any) -> Any:
