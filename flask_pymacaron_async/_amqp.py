@@ -27,6 +27,7 @@ from functools import cached_property
 from typing import Any, Callable
 
 from celery.app import amqp as celery_amqp
+from kombu import compression
 from kombu.serialization import dumps
 
 from . import _compat
@@ -107,11 +108,25 @@ class AMQP(celery_amqp.AMQP):
                 pending = context.Unsigned(context.take(state))
             if isinstance(pending, context.Unsigned):
                 # Encoded here as the producer will encode it (same serializer, same input).
-                _, _, body = dumps(message[2], serializer=options.get("serializer") or conf.task_serializer)
-                token = state.signer.sign(str(pending), name, headers["id"], body)
+                content_type, _, body = dumps(message[2], serializer=options.get("serializer") or conf.task_serializer)
+                bound = context.bound_headers(
+                    {**headers, "compression": _compression(options.get("compression") or conf.task_compression)},
+                    content_type,
+                )
+                token = state.signer.sign(str(pending), name, headers["id"], body, bound)
                 headers[context.HEADER] = token
                 if extra is not None and context.HEADER in extra:
                     extra[context.HEADER] = token
             return send(producer, name, message, **options)
 
         return send_task_message
+
+
+def _compression(name: Any) -> str | None:
+    """The ``compression`` header kombu writes for a compression named ``name`` (an alias or a content type)."""
+    if not name:
+        return None
+    try:
+        return str(compression.get_encoder(name)[1])
+    except KeyError:  # kombu refuses to publish it anyway
+        return str(name)

@@ -42,15 +42,14 @@ from celery.worker.request import Request as CeleryRequest
 from . import _compat, serialization, signals
 from . import _context as context
 from . import _deadletter as deadletter
+from . import _limits as limits
 from . import _runner as runner
+from ._shown import shown_text
 from ._transport import broker_errors
 from .config import DEFAULTS
 from .errors import ContextError, one_line
 
 log = logging.getLogger(__name__)
-
-# Room for Celery's own part of the body (callbacks, errbacks, chain).
-_EMBED_ROOM = 64 * 1024
 
 _OPTIONAL_STR = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "origin", "lang")
 
@@ -87,6 +86,10 @@ class Consumer(CeleryConsumer):
                 )
 
             deadletter.on_stored(self.app, notify)
+        state = getattr(self.app, "pma_state", None)
+        limit = state.settings.max_message_bytes if state is not None else DEFAULTS["PYMACARON_ASYNC_MAX_MESSAGE_BYTES"]
+        # kombu inflates a compressed body as it makes the message, before this consumer sees it.
+        limits.bound_decompression(limits.body_bytes(limit))
 
     def on_ready(self) -> None:
         super().on_ready()
@@ -127,6 +130,13 @@ class Consumer(CeleryConsumer):
                 return self._pma_refuse(message, Problem(f"Celery could not handle it: {one_line(exc)}"), exc)
 
         return on_task_received
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        """A body kombu could not inflate or decode: a dead letter as it came, logged on one line.
+
+        Celery's own logs the message's headers (the context token) and body, then acknowledges it.
+        """
+        self._pma_refuse(message, Problem(f"its body cannot be decoded: {one_line(exc)}"), exc)
 
     def _pma_broker_errors(self) -> tuple[type[BaseException], ...]:
         return broker_errors(self)
@@ -242,7 +252,7 @@ class Request(CeleryRequest):
                     log.warning(
                         "Could not dead-letter task %s[%s] (%s): it goes back to its queue and will run again",
                         self.name,
-                        self.id,
+                        _label(self.id),
                         one_line(error),
                     )
                     self.reject(requeue=True)
@@ -318,7 +328,12 @@ def dead_letter(
             if not acknowledge:
                 raise
             # Not stored: the message goes back to its queue rather than nowhere.
-            log.error("Could not dead-letter %s[%s]: %s; it goes back to its queue", task, task_id, one_line(exc))
+            log.error(
+                "Could not dead-letter %s[%s]: %s; it goes back to its queue",
+                _label(task),
+                _label(task_id),
+                one_line(exc),
+            )
             if not message.acknowledged:
                 message.reject_log_error(log, errors, requeue=True)
             return None
@@ -427,7 +442,8 @@ def _amqp_store(celery: Any) -> deadletter.AmqpStore:
 
 
 def _label(value: Any) -> str:
-    return value if isinstance(value, str) and value else "?"
+    """A task name or id from a message, as a log line may show it (escaped, cut)."""
+    return shown_text(value, 200) if isinstance(value, str) and value else "?"
 
 
 # -- checking ----------------------------------------------------------------------
@@ -456,18 +472,28 @@ def check_message(
     task_id = headers.get("id")
     if not isinstance(task_id, str) or not task_id:
         return Problem("its 'id' header is missing or not a string")
-    task = app.tasks.get(name)
-    if task is None:
-        return Problem(f"unknown task {name!r} (is the module that declares it imported by the worker?)", True)
-    problem = _header_problem(headers)
+    replayed = getattr(message.channel, "pma_replayed", None)
+    if replayed is not None and replayed(message.delivery_tag):
+        return Problem(
+            "its task id succeeded already (a replayed message: ids are remembered for PYMACARON_ASYNC_DONE_TTL)"
+        )
+    problem = _header_problem(headers) or limits.headers_problem(headers, context.HEADER)
     if problem is not None:
         return Problem(problem)
 
     state = getattr(app, "pma_state", None)
     limit = state.settings.max_message_bytes if state is not None else DEFAULTS["PYMACARON_ASYNC_MAX_MESSAGE_BYTES"]
     body = message.body
-    if body is not None and len(body) > limit + _EMBED_ROOM:
+    if body is not None and len(body) > limits.body_bytes(limit):
         return Problem(f"its body takes {len(body)} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}")
+    task = app.tasks.get(name)
+    if task is None:
+        unknown = f"unknown task {name!r} (is the module that declares it imported by the worker?)"
+        if state is None:
+            return Problem(unknown, True)
+        # Deferred (for a newer worker) only when this app signed it: a forged one is not handled again and again.
+        refused = _signature_problem(state, message, headers, name, task_id, body)
+        return Problem(f"{unknown}; {refused.reason}") if refused is not None else Problem(unknown, True)
     accept = getattr(message, "accept", None)
     if accept is not None and message.content_type not in accept:
         return Problem(
@@ -492,16 +518,33 @@ def check_message(
         if size > limit:
             return Problem(f"its arguments take {size} bytes, over PYMACARON_ASYNC_MAX_MESSAGE_BYTES={limit}")
 
+    signed = state is not None and hasattr(task, "pma_state")
+    if signed:
+        # Before the arguments: only what the app signed is deferred for a newer worker.
+        refused = _signature_problem(state, message, headers, name, task_id, body)
+        if refused is not None:
+            return refused
     problem = _arguments_problem(task, args, kwargs, signatures if signatures is not None else {})
     if problem is not None:
         return Problem(problem, True)
-    if state is not None and hasattr(task, "pma_state"):
-        token = headers.get(context.HEADER)
-        try:
-            state.signer.verify(token, name, task_id, body or b"", max_age=state.settings.context_max_age)
-        except ContextError as exc:
-            return Problem(str(exc))
-        headers[context.VERIFIED] = state.mark(token)
+    if signed and state is not None:
+        headers[context.VERIFIED] = state.mark(headers.get(context.HEADER))
+    return None
+
+
+def _signature_problem(
+    state: Any, message: Any, headers: dict[str, Any], name: str, task_id: str, body: bytes | None
+) -> Problem | None:
+    """Why the context token of ``message`` does not prove that this app sent it as it is, or None."""
+    token = headers.get(context.HEADER)
+    bound = context.bound_headers(headers, message.content_type)
+    try:
+        state.signer.verify(token, name, task_id, body or b"", state.settings.context_max_age, bound)
+    except ContextError as exc:
+        if state.signer.signed_unbound(token, name, task_id, body or b""):
+            # Signed by an older sender: a worker of its version may take it during a deploy.
+            return Problem("its signature does not cover its headers (sent by flask-pymacaron-async before 0.3)", True)
+        return Problem(str(exc))
     return None
 
 

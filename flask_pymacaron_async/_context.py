@@ -7,8 +7,9 @@ A snapshot is a small dict::
      "ts": when it was signed (Unix time, added by ContextSigner.payload)}
 
 It travels in the message header :data:`HEADER`, signed for that message
-(:class:`ContextSigner`): the signature covers the task name, the task id and
-the encoded body too. What travels is compact (:meth:`ContextSigner.payload`):
+(:class:`ContextSigner`): the signature covers the task name, the task id, the
+encoded body and the headers that change when, whether or how the task runs
+or is shown (:data:`BOUND_HEADERS`, :func:`bound_headers`) too. What travels is compact (:meth:`ContextSigner.payload`):
 no ``app`` (the worker has its own), no usual values, short names. In the
 worker, :func:`pushed` pushes a fresh app context and a request context built
 from ``env`` (no ``test_request_context``: the environ is a plain dict copy).
@@ -54,6 +55,12 @@ HEADER = "pymacaron_async_context"
 #: Header the worker's consumer sets on a message whose snapshot it verified
 #: (a secret of the worker's processes: a value sent by anyone else never matches).
 VERIFIED = "pymacaron_async_verified"
+
+#: Headers the signature covers, with the message's content type: when the
+#: task may run (``eta``, ``expires``), how (``retries``, ``timelimit``,
+#: ``compression``) and how it is shown (``shadow``, ``argsrepr``,
+#: ``kwargsrepr``). Others (the deferral count, a trace context) may change on the way.
+BOUND_HEADERS = ("eta", "expires", "retries", "timelimit", "shadow", "argsrepr", "kwargsrepr", "compression")
 
 # Where the signed snapshot of the current request is kept, so it is taken at
 # most once per request and carried on by tasks queued from inside a task.
@@ -127,23 +134,26 @@ class ContextSigner:
         text = json.dumps({**_compact(snapshot), "ts": int(time.time())}, separators=(",", ":"))
         return text.translate(_SWAP_QUOTES)
 
-    def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+    def sign(self, payload: str, task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> str:
         """A token binding ``payload`` (see :meth:`payload`) to the message ``task_name[task_id]`` with ``body``.
 
         The messages of a request or a batch share their payload: the HMAC
         that has read it is kept and copied for the next message, which then
         hashes only its own part (the same signature as :func:`_mac`'s).
-        """
-        return f"{payload}.{self.tag(payload, task_name, task_id, body)}"
 
-    def tag(self, payload: str, task_name: str, task_id: str, body: bytes | str) -> str:
+        :param bound: the message's :func:`bound_headers`; None for a call
+            that never leaves this process (eager, inline).
+        """
+        return f"{payload}.{self.tag(payload, task_name, task_id, body, bound)}"
+
+    def tag(self, payload: str, task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> str:
         """The signature :meth:`sign` puts after the payload and a dot (base64url, no padding)."""
         last, mac = self._last
         if last != payload or mac is None:
             mac = hmac.new(self._keys[0], _head(payload), "sha256")
             self._last = (payload, mac)
         mac = mac.copy()
-        mac.update(_tail(task_name, task_id, body))
+        mac.update(_tail(task_name, task_id, body, bound))
         return _encoded(mac.digest()[:_TAG_BYTES])
 
     def verify(
@@ -153,12 +163,14 @@ class ContextSigner:
         task_id: str,
         body: bytes | str,
         max_age: float | None = None,
+        bound: str | None = None,
     ) -> dict[str, Any]:
         """The snapshot in ``token``; :class:`ContextError` if it is missing, forged, moved, or too old.
 
         :param task_name: the ``task`` header of the message the token came with.
         :param task_id: its ``id`` header.
         :param body: its body, as encoded (after decompression).
+        :param bound: its :func:`bound_headers` (None: a call signed without, in this process).
         :param max_age: seconds since signing after which the snapshot is refused
             (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
         """
@@ -166,7 +178,7 @@ class ContextSigner:
         # Tokens of earlier senders carry the whole HMAC; a shorter one is its first 128 bits.
         size = None if len(signature) > _TAG_CHARS else _TAG_BYTES
         if not any(
-            hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body)[:size]))
+            hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body, bound)[:size]))
             for key in self._keys
         ):
             raise ContextError(
@@ -186,6 +198,14 @@ class ContextSigner:
                     f"PYMACARON_ASYNC_CONTEXT_MAX_AGE={max_age:g}"
                 )
         return snapshot
+
+    def signed_unbound(self, token: Any, task_name: str, task_id: str, body: bytes | str) -> bool:
+        """Whether ``token`` is a valid signature that does not cover the headers (a sender before 0.3)."""
+        try:
+            self.verify(token, task_name, task_id, body)
+        except ContextError:
+            return False
+        return True
 
     @staticmethod
     def decode(token: Any) -> dict[str, Any]:
@@ -211,13 +231,13 @@ _TAG_CHARS = 22
 _PLAIN_NAME = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
 
 
-def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str) -> bytes:
-    """HMAC-SHA256 of the payload, the task's name and id, and its body's digest, one per line.
+def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> bytes:
+    """HMAC-SHA256 of the payload, the task's name and id, its body's digest and its bound headers.
 
     Newline-separated: JSON text never holds a raw newline, so no two
     messages give the same input; the body digest has a fixed length.
     """
-    return hmac.digest(key, _head(payload) + _tail(task_name, task_id, body), "sha256")
+    return hmac.digest(key, _head(payload) + _tail(task_name, task_id, body, bound), "sha256")
 
 
 def _head(payload: str) -> bytes:
@@ -225,7 +245,7 @@ def _head(payload: str) -> bytes:
     return payload.encode("utf-8", "surrogateescape") + b"\n"
 
 
-def _tail(task_name: str, task_id: str, body: bytes | str) -> bytes:
+def _tail(task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> bytes:
     """The rest of what :func:`_mac` signs, after :func:`_head`."""
     if isinstance(body, str):
         body = body.encode("utf-8")
@@ -233,7 +253,31 @@ def _tail(task_name: str, task_id: str, body: bytes | str) -> bytes:
         names = f'["{task_name}", "{task_id}"]\n'  # what json.dumps writes, without its cost
     else:
         names = json.dumps([task_name, task_id]) + "\n"
-    return names.encode("utf-8", "surrogateescape") + hashlib.sha256(body).digest()
+    tail = names.encode("utf-8", "surrogateescape") + hashlib.sha256(body).digest()
+    return tail if bound is None else tail + b"\n" + bound.encode("utf-8", "surrogateescape")
+
+
+def bound_headers(headers: Any, content_type: Any) -> str:
+    """The part of a message the signature covers besides its name, id and body, as one line of JSON.
+
+    The content type and :data:`BOUND_HEADERS`, written alike whoever reads
+    them: a missing ``retries`` is 0, numbers are floats (an AMQP table or
+    JSON may give back ``1`` for ``1.0``), a ``timelimit`` of no limits is none.
+    """
+    get = headers.get if isinstance(headers, dict) else {}.get
+    values = [content_type if isinstance(content_type, str) else None]
+    for key in BOUND_HEADERS:
+        value = get(key)
+        if key == "retries":
+            value = value or 0
+        elif key == "timelimit" and isinstance(value, (list, tuple)):
+            value = None if all(v is None for v in value) else [_number(v) for v in value]
+        values.append(_number(value))
+    return json.dumps(values, separators=(",", ":"), default=repr)
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _encoded(tag: bytes) -> str:

@@ -38,8 +38,9 @@ from flask import (
 )
 
 from . import broker
+from ._shown import shown_text
 from ._state import state_for
-from ._status import collect_status, shown_user
+from ._status import collect_status
 
 if TYPE_CHECKING:
     from flask import Response
@@ -149,14 +150,23 @@ def check_csrf() -> None:
         expected = session.get(CSRF_SESSION_KEY)
         if isinstance(expected, str) and hmac.compare_digest(expected.encode(), sent.encode()):
             return
-    log.warning("Dashboard: refused a %s to %s with a missing or wrong CSRF token", request.method, request.path)
+    log.warning(
+        "Dashboard: refused a %s to %s with a missing or wrong CSRF token",
+        shown_text(request.method, 20),
+        shown_text(request.path, 200),
+    )
     abort(400, description="The CSRF token is missing or wrong: reload the page and try again.")
 
 
 def actor() -> str:
-    """Who is acting, for the log: the app's user (as the user dumper or Flask-Login gives it) and address."""
-    user = shown_user(_state().dump_user()) or "anonymous"
-    return f"{user} from {request.remote_addr}"
+    """Who is acting, for the log: the app's user (as the user dumper or Flask-Login gives it) and address.
+
+    Shown as the status shows users (never a token), escaped: the address may
+    come from a proxy's header.
+    """
+    state = _state()
+    user = state.users.shown(state.dump_user()) or "anonymous"
+    return f"{user} from {shown_text(request.remote_addr, 100)}"
 
 
 # -- views --------------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def requeue() -> ResponseReturnValue:
     letter_id = request.form.get("id") or None
     queue = _queue()
     where = queue or "every queue"
-    what = f"dead letter {letter_id}" if letter_id else f"every dead letter of {where}"
+    what = f"dead letter {shown_text(letter_id, 200)}" if letter_id else f"every dead letter of {where}"
     asking = _confirmed("requeue", f"Put {what} back on its queue?")
     if asking is not None:
         return asking
@@ -259,7 +269,7 @@ def revoke() -> ResponseReturnValue:
     if asking is not None:
         return asking
     _state().celery.control.revoke(task_id, terminate=terminate)
-    log.warning("Dashboard: %s revoked task %s%s", actor(), task_id, " (terminate)" if terminate else "")
+    log.warning("Dashboard: %s revoked task %s%s", actor(), shown_text(task_id), " (terminate)" if terminate else "")
     flash(f"Revoked {task_id}{' and stopped it' if terminate else ''}.", "info")
     return _back()
 

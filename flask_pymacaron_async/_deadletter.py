@@ -37,6 +37,8 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from ._shown import escaped, shown_text
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -155,7 +157,7 @@ def entry(
         "id": task_id or f"item-{hashlib.sha1(raw).hexdigest()[:12]}",
         "queue": queue,
         "key": key or queue,
-        "reason": " ".join(reason.split())[:1000],
+        "reason": escaped(" ".join(reason.split()))[:1000],
         "time": time.time(),
         "kind": kind,
         "hostname": _hostname,
@@ -181,7 +183,7 @@ def stored(description: dict[str, Any], stored_id: str | None, dropped: int, max
     if stored_id is None:
         return
     task, task_id = description.get("task"), description.get("task_id")
-    what = f"task {task or '?'}[{task_id or '?'}]" if task or task_id else "an item"
+    what = f"task {shown_text(task or '?', 200)}[{shown_text(task_id or '?', 200)}]" if task or task_id else "an item"
     log.error(
         "%s %s from queue %r: %s; kept as dead letter %s (flask async dead)",
         "Failed" if description.get("kind") == FAILED else "Rejected",
@@ -275,7 +277,8 @@ return store(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]))
 #: the time, the dead-letter bound, the worker's name, the key prefix, then
 #: the queue name of each key, then the delivery tags of messages to
 #: acknowledge first (removed from the unacked hash and index, as kombu's
-#: ack does). Returns {key, item, delivery tag} for a message,
+#: ack does). Returns {key, item, delivery tag} for a message (and 'done'
+#: after it when its task id succeeded already: a replay),
 #: {key, item, false, dead-letter id, dropped} for a dead letter, or false
 #: when every list is empty.
 TAKE = (
@@ -307,6 +310,14 @@ for i = 1, #KEYS do
         redis.call('ZADD', ARGV[2], ARGV[3], tag)
         redis.call('HSET', ARGV[1], tag,
           '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+        local headers = envelope['headers']
+        if type(headers) == 'table' and type(headers['id']) == 'string'
+            and redis.call('EXISTS', ARGV[6] .. '"""
+    + DONE_PREFIX
+    + """' .. headers['id']) == 1 then
+          -- A task id that succeeded already (a replay): the worker refuses it.
+          return {KEYS[i], item, tag, 'done'}
+        end
         return {KEYS[i], item, tag}
       end
       reason = 'not a message envelope kombu can read'
@@ -435,8 +446,8 @@ def _redis_requeue(client: Any, prefix: str, queue: str, wanted: set[str] | None
             log.warning(
                 "Dead letter %s not requeued: task %s[%s] has succeeded since (PYMACARON_ASYNC_DONE_TTL)",
                 letter.id,
-                letter.task,
-                letter.task_id,
+                shown_text(str(letter.task), 200),
+                shown_text(str(letter.task_id), 200),
             )
             continue
         raw = client.hget(raw_key, letter.id)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
+from celery import states as celery_states
+from celery.backends.base import BaseKeyValueStoreBackend
+from celery.result import EagerResult
 from flask import Flask
 
 from . import _dashboard as dashboard
@@ -11,15 +14,20 @@ from . import _deadletter as deadletter
 from . import _publish as publish
 from . import _state as state
 from ._publish import Publisher
-from ._task import DECLARED, AsyncTask, declare
+from ._task import DECLARED, OWNER_KEY, AsyncTask, declare
 from ._users import UserHooks
 from .config import load_settings
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from celery import Celery
+    from celery.result import AsyncResult
     from flask import Blueprint
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The longest task id :meth:`PymacaronAsync.result_for` looks up (Celery's are 36 characters).
+_MAX_TASK_ID = 255
 
 # Imported by the worker only (Celery's `imports`): it registers a remote-control command.
 _WORKER_IMPORT = "flask_pymacaron_async._control"
@@ -85,6 +93,84 @@ class PymacaronAsync:
         """The Celery app of the current Flask app (or of the only app initialized)."""
         return state.for_extension(self).celery
 
+    def result_for(self, task_id: str) -> AsyncResult | None:
+        """The result of task ``task_id`` when the current user queued it, else None.
+
+        .. code-block:: python
+
+            @app.route("/results/<task_id>")
+            def result(task_id):
+                found = ext.result_for(task_id)
+                if found is None:
+                    abort(404)
+                return {"state": found.state, "value": found.result if found.successful() else None}
+
+        Where ``celery.result.AsyncResult(task_id)`` gives anyone who holds
+        an id the task's result, this gives it to the user who queued the
+        task. The worker records that user when it starts running the task,
+        before the body: a digest of what :meth:`user_dumper` returned
+        (keyed from the signing key, never the value itself), in the result
+        backend next to the result, expiring as results do
+        (``result_expires``). Then, for the current user (the dumper's
+        value in this request, which must be the same in each request of a
+        user: an id, not a token):
+
+        - recorded owner is the current user: the task's ``AsyncResult``;
+        - recorded owner is someone else: None;
+        - no owner recorded: the ``AsyncResult`` while Celery says
+          ``PENDING`` (a task queued and not started yet, or an id Celery
+          does not know: Celery cannot tell them apart, so this tells no one
+          anything), as a result that stays ``PENDING`` (call ``result_for``
+          again to poll), else None. A task queued without a user, or with
+          ``ignore_result``, has no owner: its result is given to no one;
+        - no current user (anonymous): None, always;
+        - an id that is empty, longer than 255 characters or not printable
+          (control characters): None.
+
+        Call it in a request (or an app context) of the app, where the user
+        dumper answers. See :ref:`result-owners` for the window this leaves.
+
+        :param task_id: the id a call returned (``send_email(...).id``).
+        :raises TypeError: when ``task_id`` is not a string.
+        :raises ~flask_pymacaron_async.errors.ConfigError: when the app has no
+            result backend, or one that is not a key-value store (Redis,
+            Memcached, ...) that can hold the owners.
+        """
+        if not isinstance(task_id, str):
+            raise TypeError(f"result_for() takes a task id string, not {type(task_id).__name__}")
+        app_state = state.for_extension(self)
+        celery = app_state.celery
+        if not celery.conf.result_backend:
+            raise ConfigError(
+                "result_for() needs a result backend: set PYMACARON_ASYNC_RESULT_BACKEND "
+                "(e.g. 'redis://localhost:6379/1')"
+            )
+        backend = celery.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):
+            raise ConfigError(
+                f"result_for() needs a key-value store result backend (Redis, Memcached, ...) to keep who "
+                f"queued each task; the app's result backend is a {type(backend).__name__}: set "
+                "PYMACARON_ASYNC_RESULT_BACKEND to a Redis URL"
+            )
+        if not task_id or len(task_id) > _MAX_TASK_ID or not task_id.isprintable():
+            return None
+        user = app_state.dump_user()
+        if user is None:
+            return None
+        key = backend.get_key_for_task(task_id, key=OWNER_KEY)
+        owner = backend.get(key)
+        result = celery.AsyncResult(task_id)
+        if owner is None:
+            if result.state == celery_states.PENDING:
+                # Frozen: a result object that read the backend again later would show whoever holds it what
+                # the task stores once it runs. Poll by calling result_for again.
+                return EagerResult(task_id, None, celery_states.PENDING)
+            # Started since the owner was read? Its owner is recorded before its body stores a state.
+            owner = backend.get(key)
+            if owner is None:
+                return None
+        return result if app_state.is_owner(user, owner) else None
+
     def task(self, func: F | None = None, /, **options: Any) -> Any:
         """Like :func:`~flask_pymacaron_async.asynctask`, for this extension's apps only."""
         if func is not None:
@@ -109,6 +195,17 @@ class PymacaronAsync:
         (``g`` and ``request`` are available), only when that value is not None.
         """
         self.users.loader = func
+        return func
+
+    def user_display(self, func: F) -> F:
+        """Register the function that says how logs and the dashboard show a user.
+
+        It is given what :meth:`user_dumper` returned and returns a short
+        text (escaped and cut when shown; a JWT in it is masked), or ``None``
+        for the default: an id or a string as it is, a mapping by its first
+        naming field (``sub``, ``id``, ``username``, ``email``...), never a token.
+        """
+        self.users.display = func
         return func
 
     def batch(self) -> ContextManager[None]:

@@ -237,7 +237,7 @@ class Publisher:
             if batched or not is_connection_error(exc):
                 raise
             if self.state.settings.fallback == "inline":
-                log.warning("Broker unavailable (%s); running %s inline", exc, task.name)
+                log.warning("Broker unavailable (%s); running %s inline", one_line(exc), task.name)
                 if encoded is None:
                     encoded = serialization.dumps([args, kwargs])
                 return self.run_inline(task, payload, encoded, args, kwargs)
@@ -434,7 +434,7 @@ class Publisher:
         if not held:
             return
         if exc is not None:
-            log.debug("Request failed (%r): dropping %d held task(s)", exc, len(held))
+            log.debug("Request failed (%s): dropping %d held task(s)", one_line(exc), len(held))
         else:
             self._publish_held(context.request_snapshot(self.state), held)
 
@@ -625,7 +625,11 @@ class _Copier:
         escaped = self.escaped.get(payload)
         if escaped is None:
             escaped = self.escaped[payload] = encode_basestring_ascii(payload)[:-1]
-        tag = self.publisher.state.signer.tag(payload, task.name, task_id, body_bytes)
+        headers = found.message["headers"]
+        bound = context.bound_headers(
+            {**headers, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}, found.message.get("content-type")
+        )
+        tag = self.publisher.state.signer.tag(payload, task.name, task_id, body_bytes, bound)
         signed = transport.JSONText(f'{escaped}.{tag}"')
         # In the order of _HEADER_SLOTS.
         self.channel.pma_put_like(found, body_bytes, (task_id, root_id, argsrepr, kwargsrepr, signed), task_id)

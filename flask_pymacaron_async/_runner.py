@@ -12,6 +12,7 @@ from werkzeug.wsgi import get_current_url
 
 from . import _context as context
 from . import signals
+from ._shown import shown_text, shown_url
 from .errors import CONTROL_FLOW
 
 if TYPE_CHECKING:
@@ -47,19 +48,21 @@ def report_failure(
 ) -> None:
     """Log a failed task on the app's logger (id, name, URL, user; never a token) and send ``task_failed``.
 
-    No traceback here: Celery logs it in the worker, and inline the
-    exception reaches the caller.
+    What a client controls (the URL, the user, the request id, an exception
+    message quoting them) is logged as ``_shown`` shows it: masked, escaped
+    and cut, one line per failure. No traceback here: Celery logs it in the
+    worker, and inline the exception reaches the caller.
     """
     state.app.logger.error(
         "Task %s[%s] failed: %s (url=%s, user=%s, request_id=%s)",
         task_name,
-        task_id,
+        _shown_or_none(task_id),
         # Text, not the exception: a handler that pickles records (Celery's
         # test worker, a queue handler) must not meet an unpicklable one.
-        repr(exc),
-        snapshot_url(snapshot),
-        snapshot.get("user"),
-        snapshot.get("rid"),
+        shown_text(repr(exc)),
+        shown_url(snapshot_url(snapshot)),
+        state.users.shown(snapshot.get("user")),
+        _shown_or_none(snapshot.get("rid")),
     )
     signals.task_failed.send(state.app, task_name=task_name, task_id=task_id, exception=exc)
 
@@ -70,3 +73,7 @@ def snapshot_url(snapshot: dict[str, Any]) -> str | None:
     if not env:
         return None
     return str(get_current_url(env))
+
+
+def _shown_or_none(value: Any) -> str | None:
+    return None if value is None else shown_text(value, 200)

@@ -6,7 +6,9 @@ says the same); nothing else reads ``app.extensions`` by hand.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import os
 import secrets
 import threading
@@ -19,8 +21,10 @@ from flask import Flask, appcontext_popped, appcontext_pushed, current_app, has_
 
 from . import _compat, serialization
 from . import _context as context
+from . import _limits as limits
 from . import _transport as transport
 from ._context import ContextSigner
+from ._shown import USER_FIELDS
 from ._users import UserHooks
 from .config import PUBLISH_MODES, Settings
 
@@ -49,6 +53,11 @@ def _previous_celery() -> list[Any]:
 _INIT_HOOKS: list[Callable[[Flask, AsyncState], None]] = []
 
 
+#: Fields that identify a user in a dumped mapping (:meth:`AsyncState.owner_digest`), in this order:
+#: the fields that name a user in logs, but a display name.
+IDENTITY_FIELDS = tuple(field for field in USER_FIELDS if field != "name")
+
+
 class AsyncState:
     """Everything the extension keeps for one Flask app.
 
@@ -65,7 +74,10 @@ class AsyncState:
         self.settings = settings
         self.users = users
         self.import_name = app.import_name
-        self.signer = ContextSigner(settings.secret_key or os.urandom(32), settings.secret_key_fallbacks)
+        secret = settings.secret_key or os.urandom(32)
+        self.signer = ContextSigner(secret, settings.secret_key_fallbacks)
+        # Keys of the owner digests of results (owner_digest), derived apart from the signing keys.
+        self._owner_keys = tuple(_owner_key(key) for key in (secret, *settings.secret_key_fallbacks))
         self.header_keys = tuple(context.environ_key(h) for h in settings.context_headers)
         # Proof, inside the worker's processes, that the consumer verified a
         # message's signature (the task body runs in a pool process, without the body).
@@ -99,6 +111,40 @@ class AsyncState:
     def load_user(self, value: Any) -> None:
         """Restore the user in the worker's rebuilt context."""
         self.users.load(self.app, value)
+
+    def owner_digest(self, user: Any, key: int = 0) -> str:
+        """The digest that names ``user`` (a value of :meth:`dump_user`) as the owner of a task's result.
+
+        An HMAC-SHA256 of the user's identity as canonical JSON (sorted keys,
+        compact), keyed from the signing key (``key``: 0 for the current one,
+        then its fallbacks) with a label of its own: the result backend holds
+        the digest, never the user value. The identity of a mapping that has
+        an identifying field (:data:`IDENTITY_FIELDS`, the first found) is
+        that field alone, so that a value that also carries a token fresh in
+        each request (pymacaron's ``{"sub": ..., "jwt": ...}``) names the
+        same owner in each; any other value is its own identity.
+        """
+        if isinstance(user, dict):
+            field = next((name for name in IDENTITY_FIELDS if user.get(name) is not None), None)
+            if field is not None:
+                user = {field: user[field]}
+        text = json.dumps(user, sort_keys=True, separators=(",", ":"))
+        return hmac.new(self._owner_keys[key], text.encode("utf-8"), "sha256").hexdigest()
+
+    def is_owner(self, user: Any, digest: Any) -> bool:
+        """Whether ``digest`` (as read from the result backend: bytes or text) names ``user``.
+
+        Any signing key counts, the fallbacks too: a digest recorded before a
+        key rotation still names its owner.
+        """
+        if isinstance(digest, str):
+            digest = digest.encode("utf-8", "replace")
+        if not isinstance(digest, bytes):
+            return False
+        return any(
+            hmac.compare_digest(digest, self.owner_digest(user, key).encode("ascii"))
+            for key in range(len(self._owner_keys))
+        )
 
     # -- Celery's current app ---------------------------------------------------------------
 
@@ -153,6 +199,13 @@ class AsyncState:
         )
 
 
+def _owner_key(secret_key: str | bytes) -> bytes:
+    """The key of :meth:`AsyncState.owner_digest` derived from a signing key (the context's has another label)."""
+    if isinstance(secret_key, str):
+        secret_key = secret_key.encode("utf-8")
+    return hashlib.sha256(b"flask-pymacaron-async.owner\0" + secret_key).digest()
+
+
 #: Bounded retries everywhere a call can touch the broker or the result
 #: backend: Celery's defaults retry for tens of seconds.
 _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
@@ -185,6 +238,7 @@ def make_celery(state: AsyncState) -> Celery:
             "visibility_timeout": s.visibility_timeout,
             "dead_letter_max": s.dead_letter_max,
             "min_replicas": s.broker_min_replicas,
+            "max_item_bytes": limits.item_bytes(s.max_message_bytes),
             "socket_connect_timeout": timeout,
             # A broker that accepts connections and never answers (paused,
             # half-open TCP) must fail a publish too, not hang it.

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from typing import TYPE_CHECKING, Any, Iterable
-from urllib.parse import parse_qsl, urlencode
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from werkzeug.wsgi import get_current_url
 
 from . import _deadletter as deadletter
 from . import broker
 from ._context import HEADER, ContextSigner
+from ._shown import shown_url, shown_user
 from .errors import ContextError, one_line
 
 if TYPE_CHECKING:
@@ -42,10 +41,8 @@ RUNNING_COMMAND = "pma_running"
 
 log = logging.getLogger(__name__)
 
-# Names of query arguments and user fields whose values are never shown.
-_SECRET = re.compile(r"token|secret|passw|jwt|auth|key|sig|session|cookie|code|credential", re.I)
-# User fields that name the user, tried in this order.
-_USER_FIELDS = ("sub", "id", "user_id", "userid", "username", "email", "name")
+#: How a status shows a dumped user (an app's user display hook, or :func:`._shown.shown_user`).
+ShowUser = Callable[[Any], "str | None"]
 
 
 def collect_status(
@@ -93,11 +90,13 @@ def collect_status(
         return status
     status["dead"] = [letter.describe() for letter in letters[:DEAD_SHOWN]]
     status["failures"] = [letter.describe() for letter in letters if letter.kind == deadletter.FAILED][:FAILURES_SHOWN]
-    status["workers"], status["other_workers"] = _workers(celery, names, timeout, show_args)
+    status["workers"], status["other_workers"] = _workers(celery, names, timeout, show_args, state.users.shown)
     return status
 
 
-def _workers(celery: Celery, names: list[str], timeout: float, show_args: bool) -> tuple[dict[str, Any], int]:
+def _workers(
+    celery: Celery, names: list[str], timeout: float, show_args: bool, show_user: ShowUser
+) -> tuple[dict[str, Any], int]:
     # A broker may serve other apps' workers: list those consuming these queues.
     consuming = celery.control.inspect(timeout=timeout).active_queues() or {}
     ours = sorted(w for w, qs in consuming.items() if {q.get("name") for q in qs or ()} & set(names))
@@ -109,7 +108,7 @@ def _workers(celery: Celery, names: list[str], timeout: float, show_args: bool) 
         for reply in replies or ():
             for worker, tasks in reply.items():
                 if isinstance(tasks, list):
-                    running[worker] = [_running_task(task) for task in tasks if isinstance(task, dict)]
+                    running[worker] = [_running_task(task, show_user) for task in tasks if isinstance(task, dict)]
     # Workers without the command (another version of the extension): Celery's own list, without who and where.
     older = [w for w in ours if not isinstance(running.get(w), list)]
     if older:
@@ -184,40 +183,16 @@ def _queued_at(item: bytes | str | None) -> float | None:
 _MOST_READ = 4 * 1024 * 1024
 
 
-def _running_task(task: dict[str, Any]) -> dict[str, Any]:
+def _running_task(task: dict[str, Any], show_user: ShowUser) -> dict[str, Any]:
     shown = {key: task.get(key) for key in ("id", "name", "args", "kwargs", "started")}
-    return {**shown, **who_and_where(task.get("context"))}
+    return {**shown, **who_and_where(task.get("context"), show_user)}
 
 
-def shown_url(url: str | None) -> str | None:
-    """``url`` with the values of query arguments that may be secrets (``token=``, ``key=``, ...) masked."""
-    if not url or "?" not in url:
-        return url
-    base, _, query = url.partition("?")
-    pairs = [(k, "***" if _SECRET.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
-    return f"{base}?{urlencode(pairs)}" if pairs else base
-
-
-def shown_user(value: Any) -> str | None:
-    """What a status shows of a dumped user: its id, never a token.
-
-    A dict (pymacaron's ``{"sub": ..., "jwt": <encrypted>}``) shows its first
-    naming field (``sub``, ``id``, ``username``, ``email``...), else its fields
-    without those whose names look secret.
-    """
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        for field in _USER_FIELDS:
-            if value.get(field) is not None:
-                return str(value[field])
-        kept = {k: v for k, v in value.items() if not _SECRET.search(str(k))}
-        return ", ".join(f"{k}={v}" for k, v in kept.items()) or None
-    return str(value)
-
-
-def who_and_where(token: Any) -> dict[str, Any]:
+def who_and_where(token: Any, show_user: ShowUser = shown_user) -> dict[str, Any]:
     """The user, URL and queuing time of a signed context, for display (its signature is not checked here).
+
+    The user and URL as ``_shown`` shows them: by a naming field (or
+    ``show_user``, the app's user display), with secrets masked.
 
     :returns: ``{"user": ..., "url": ..., "queued": Unix time}``, each None when unknown.
     """
@@ -233,7 +208,7 @@ def who_and_where(token: Any) -> dict[str, Any]:
         log.debug("A context's URL is unreadable: %s", one_line(exc))
         url = "(unreadable)"
     return {
-        "user": shown_user(snapshot.get("user")),
+        "user": show_user(snapshot.get("user")),
         "url": url,
         "queued": float(queued) if isinstance(queued, (int, float)) and not isinstance(queued, bool) else None,
     }

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generic, TypeVar, overload
 
 from celery import Task
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import Reject
 from flask import has_app_context
 
@@ -20,7 +22,7 @@ from . import _context as context
 from . import _runner as runner
 from . import _state as states
 from . import tracing
-from .errors import ContextError
+from .errors import ContextError, one_line
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
@@ -29,6 +31,12 @@ if TYPE_CHECKING:
     from ._state import AsyncState
 
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+#: What follows a task's result key in the key of its owner's digest
+#: (``celery-task-meta-<id>.pma-owner`` on Redis): see :func:`record_owner`.
+OWNER_KEY = ".pma-owner"
 
 
 class ContextTask(Task):
@@ -149,6 +157,9 @@ class ContextTask(Task):
             raise Reject(str(exc), requeue=False) from None
         carrier = {name: context.header(request, name) for name in tracing.TRACE_HEADERS}
         with tracing.task_span(self.name, request.id, carrier):
+            user = snapshot.get("user")
+            if user is not None and not (self.ignore_result or request.ignore_result):
+                record_owner(self, state, request, user)
             return runner.run_in_context(state, self, snapshot, args, kwargs, request.id)
 
     def _pma_direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -174,6 +185,33 @@ class ContextTask(Task):
             if snapshot is not None:
                 return context.pushed(self.pma_state, snapshot)
         return contextlib.nullcontext()
+
+
+def record_owner(task: ContextTask, state: AsyncState, request: Any, user: Any) -> None:
+    """Record ``user`` (the snapshot's) as the owner of the result of the running task, before its body.
+
+    Only on a key-value store result backend (Redis, ...): under the
+    result's key followed by :data:`OWNER_KEY`, the digest
+    :meth:`~flask_pymacaron_async.AsyncState.owner_digest`, written with the
+    backend's ``set``, which gives it the results' expiry (``result_expires``).
+    :meth:`~flask_pymacaron_async.PymacaronAsync.result_for` reads it. A
+    write that fails is logged and the task runs: its result then has no
+    owner, and ``result_for`` gives it to no one.
+    """
+    if request.is_eager and not task.store_eager_result:
+        return
+    backend = task.backend
+    if not isinstance(backend, BaseKeyValueStoreBackend):
+        return
+    try:
+        backend.set(backend.get_key_for_task(request.id, key=OWNER_KEY), state.owner_digest(user))
+    except Exception as exc:
+        log.warning(
+            "Could not record the owner of %s[%s]: %s (its result will be readable by no one through result_for)",
+            task.name,
+            request.id,
+            one_line(exc),
+        )
 
 
 # The handlers Celery calls after a task's body: a user's base class's run in the task's context.

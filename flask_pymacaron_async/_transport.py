@@ -64,7 +64,9 @@ from kombu.utils.json import dumps, loads
 
 from . import _deadletter as deadletter
 from . import _ids as ids
+from . import _limits as limits
 from ._compat import KombuRedisChannel, KombuRedisQoS, KombuRedisTransport, pool_connection
+from ._shown import shown_text
 from .errors import AsyncUnavailable, one_line
 
 log = logging.getLogger(__name__)
@@ -296,15 +298,20 @@ class Channel(KombuRedisChannel):
     #: Replicas that must have a message before its publish returns
     #: (``PYMACARON_ASYNC_BROKER_MIN_REPLICAS``; 0: the master's word is enough).
     min_replicas = 0
+    #: Bytes a queue item may take before it is parsed (:func:`~flask_pymacaron_async._limits.item_bytes`).
+    max_item_bytes = limits.item_bytes(1024 * 1024)
     from_transport_options = (
         *KombuRedisChannel.from_transport_options,
         "unacked_restore_throttle",
         "dead_letter_max",
         "min_replicas",
+        "max_item_bytes",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pma_recorded: set[str] = set()
+        # Delivery tags of messages whose task id had succeeded when taken (see pma_replayed).
+        self._pma_replays: set[str] = set()
         self._pma_no_ack: dict[str, bool] = {}
         # The list key each unacknowledged message was taken from, by delivery tag.
         self._pma_keys: dict[str, str] = {}
@@ -576,13 +583,21 @@ class Channel(KombuRedisChannel):
         if not reply:
             log.warning(
                 "Task %s[%s] was back on its queue before it could be dead-lettered",
-                fields.get("task"),
-                fields.get("task_id"),
+                shown_text(str(fields.get("task")), 200),
+                shown_text(str(fields.get("task_id")), 200),
             )
             return None
         stored, dropped = str(bytes_to_str(reply[0])), int(reply[1])
         deadletter.stored(description, stored, dropped, self.dead_letter_max)
         return stored
+
+    def pma_replayed(self, delivery_tag: str) -> bool:
+        """Whether the message ``delivery_tag`` carries a task id that had succeeded when it was taken."""
+        try:
+            self._pma_replays.remove(delivery_tag)
+        except KeyError:
+            return False
+        return True
 
     def pma_mark_done(self, delivery_tag: str, task_id: str, ttl: float) -> None:
         """Have the acknowledgement of ``delivery_tag`` record that task ``task_id`` succeeded, for ``ttl`` seconds.
@@ -751,7 +766,7 @@ class Channel(KombuRedisChannel):
             self._pma_next = _TAKE_CMD if sent == _WAIT_CMD else _WAIT_CMD
             raise Empty()
         self._pma_next = _TAKE_CMD
-        lengths = (2,) if sent == _BRPOP_CMD else (3, 5)
+        lengths = (2,) if sent == _BRPOP_CMD else (3, 4, 5)
         if not isinstance(reply, (list, tuple)) or len(reply) not in lengths:
             # Not what the command returns: the connection is out of step.
             self._pma_resync(f"unexpected reply to {sent} ({type(reply).__name__})")
@@ -763,7 +778,7 @@ class Channel(KombuRedisChannel):
         self.rotate(queue)
         item = reply[1]
         tag = bytes_to_str(reply[2]) if len(reply) > 2 and reply[2] else None
-        envelope, problem = _read(item)
+        envelope, problem = _read(item, self.max_item_bytes)
         if len(reply) == 5:
             # The take script dead-lettered it already: log the exact reason.
             description = {"queue": queue, "reason": problem or "not a message envelope", "kind": deadletter.REFUSED}
@@ -779,6 +794,8 @@ class Channel(KombuRedisChannel):
         if tag is not None:
             self._pma_recorded.add(tag)
             self._pma_keys[tag] = key
+            if len(reply) == 4:
+                self._pma_replays.add(tag)
         elif not self._pma_no_ack.get(queue, True):
             self._pma_keys[envelope["properties"]["delivery_tag"]] = key
         self.connection._pma_checked = envelope
@@ -792,7 +809,7 @@ class Channel(KombuRedisChannel):
                 item = client.rpop(key)
                 if not item:
                     continue
-                envelope, problem = _read(item)
+                envelope, problem = _read(item, self.max_item_bytes)
                 if problem is None:
                     return envelope
                 self._pma_dead_item(key, item, problem)
@@ -893,8 +910,13 @@ def _frame(message: dict[str, Any], header_slots: tuple[str, ...]) -> tuple[str,
     return (*pieces, text)
 
 
-def _read(item: Any) -> tuple[Any, str | None]:
-    """A queue item decoded as a message envelope, and why kombu could not use it (None when it can)."""
+def _read(item: Any, max_bytes: int) -> tuple[Any, str | None]:
+    """A queue item decoded as a message envelope, and why kombu could not use it (None when it can).
+
+    An item over ``max_bytes`` is not parsed at all.
+    """
+    if item is not None and len(item) > max_bytes:
+        return None, f"the item takes {len(item)} bytes, over the {max_bytes} a message may take"
     try:
         envelope = loads(bytes_to_str(item))
     except Exception as exc:  # whatever kombu's JSON decoder raises on garbage

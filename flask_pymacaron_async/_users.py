@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import has_request_context
 
 from . import _compat
+from ._shown import shown_user
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -25,6 +26,9 @@ class UserHooks:
         self.dumper: Callable[[], Any] | None = None
         #: Restores the user from that value, in the worker's rebuilt request context.
         self.loader: Callable[[Any], Any] | None = None
+        #: Says how logs and the dashboard show that value (a short name, never a token);
+        #: ``None`` from it, or no display, shows it by its naming field (``_shown.shown_user``).
+        self.display: Callable[[Any], str | None] | None = None
 
     def dump(self, app: Flask) -> Any:
         """What identifies the current user of ``app``, or None."""
@@ -36,6 +40,10 @@ class UserHooks:
             if current_user.is_authenticated:
                 return current_user.get_id()
         return None
+
+    def shown(self, value: Any) -> str | None:
+        """What logs and the dashboard show of the dumped user ``value`` (escaped and cut, never a token)."""
+        return shown_user(value, self.display)
 
     def load(self, app: Flask, value: Any) -> None:
         """Restore the user ``value`` names, in the current (rebuilt) context of ``app``."""

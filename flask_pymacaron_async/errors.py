@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from celery.exceptions import Ignore, Reject, Retry
 
+from ._shown import escaped
+
 #: Celery's control flow, raised through a task on purpose: not failures.
 CONTROL_FLOW = (Retry, Ignore, Reject)
 
@@ -41,6 +43,10 @@ class MessageTooLarge(AsyncError, ValueError):
 
 
 def one_line(exc: BaseException, limit: int = 200, *, kind: bool = True) -> str:
-    """``exc`` on one line, as ``Type: message`` (only the message without ``kind``), cut at ``limit``."""
-    text = " ".join(str(exc).split())[:limit]
+    """``exc`` on one line, as ``Type: message`` (only the message without ``kind``), cut at ``limit``.
+
+    Fit for a log line: whitespace runs are one space, other control
+    characters escaped, JWT-shaped runs masked (``_shown.escaped``).
+    """
+    text = escaped(" ".join(str(exc).split())[: limit * 4])[:limit]
     return f"{type(exc).__name__}: {text}" if kind else text

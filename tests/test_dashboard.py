@@ -261,7 +261,7 @@ def test_running_tasks_show_who_queued_them_and_never_a_token(ops_app, admin, st
     assert worker.node_name.split("@")[0] in " ".join(admin.get("/ops/status.json").get_json()["workers"])
     assert task["name"] == "tests.apps.ops.slow"
     assert task["user"] == "alice"
-    assert task["url"] == "http://localhost/orders/7?token=%2A%2A%2A&page=2"
+    assert task["url"] == "http://localhost/orders/7?token=***&page=2"
     assert 0 <= time.time() - task["started"] < 30
     assert task["args"] is None and task["kwargs"] is None, "arguments are hidden unless the ops_app allows them"
     html = _page(admin)
@@ -272,6 +272,38 @@ def test_running_tasks_show_who_queued_them_and_never_a_token(ops_app, admin, st
     [task] = [t for tasks in shown.get("/ops/status.json").get_json()["workers"].values() for t in tasks]
     assert unique in task["args"]
     assert unique in _page(shown)
+
+
+def test_a_dict_user_shows_by_its_naming_field_or_the_display_hook_never_its_token(
+    ops_app, admin, start_worker, unique, monkeypatch
+):
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI3In0.S1gn4tur3-_Xq9"
+    secret = f"{unique}SECRETtok3nQx7Qx7Qx7"
+    user = {"id": 7, "name": "al\nFORGED", "jwt": jwt, "bearer": secret}
+    monkeypatch.setattr(ops.ext.users, "dumper", lambda: user)  # the caller's; the worker has none
+    start_worker(WORKER, "--pool=prefork", "--concurrency=1", queue=ops.QUEUE)
+    with ops_app.test_request_context(f"/orders/7?token={secret}&q=ok&state={jwt}"):
+        running = ops.slow.delay(f"{unique}-running", 12).id
+        ops.slow.delay(f"{unique}-queued", 0)  # waits behind it (in the queue, or prefetched): one process
+
+    def shown():
+        status = admin.get("/ops/status.json").get_json()
+        return [t for tasks in status["workers"].values() for t in tasks if t["id"] == running]
+
+    [task] = _wait(shown, 30, what="the task running on the page")
+    assert task["user"] == "7"
+    assert task["url"] == "http://localhost/orders/7?token=***&q=ok&state=***"
+    monkeypatch.setattr(ops.ext.users, "display", lambda value: f"{value['name']} (#{value['id']})")
+    [task] = shown()
+    assert task["user"] == "al\\nFORGED (#7)"
+    pages = [
+        _page(admin),
+        admin.get("/ops/live").get_data(as_text=True),
+        admin.get("/ops/status.json").get_data(as_text=True),
+    ]
+    for page in pages:
+        assert running in page and "FORGED" in page
+        assert secret not in page and "bearer" not in page and "eyJ" not in page and "jwt" not in page
 
 
 def test_the_page_on_rabbitmq_shows_depth_without_an_oldest_age(rabbitmq_url, unique):

@@ -204,14 +204,16 @@ def _task_message(app, channel):
 
     state = app.extensions["pymacaron_async"]
     body = b'[["v", "k"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+    headers = {"task": basic.record_value.name, "id": "id-1", "retries": 0}
+    bound = context.bound_headers(headers, "application/x-pymacaron-json")
     with app.test_request_context("/x"):
-        token = state.signer.sign(context.take(state), basic.record_value.name, "id-1", body)
+        headers[context.HEADER] = state.signer.sign(context.take(state), basic.record_value.name, "id-1", body, bound)
     message = Message(
         body=body,
         delivery_tag="tag-1",
         content_type="application/x-pymacaron-json",
         content_encoding="utf-8",
-        headers={"task": basic.record_value.name, "id": "id-1", "retries": 0, context.HEADER: token},
+        headers=headers,
         channel=channel,
     )
     message.accept = {"application/x-pymacaron-json", "application/json"}

@@ -10,6 +10,7 @@ the worker stays alive; a valid task queued after the corpus runs.
 from __future__ import annotations
 
 import base64
+import bz2
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import pickle
 import re
 import time
 import uuid
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -26,7 +28,7 @@ from flask_pymacaron_async import MessageTooLarge
 from flask_pymacaron_async import _context as context
 from tests.apps import reliable
 from tests.conftest import Worker
-from tests.faults import RedisServer, unique_queue, wait_for
+from tests.faults import RedisServer, rss_kib, unique_queue, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +110,7 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     task_name = template["headers"]["task"]
 
     def signed(m: dict, payload: str = payload) -> str:
-        return signer.sign(payload, m["headers"]["task"], m["headers"]["id"], _body(m))
+        return signer.sign(payload, m["headers"]["task"], m["headers"]["id"], _body(m), _bound(m))
 
     def message(payload=None, resign=True, **changes) -> dict:
         m = copy.deepcopy(template)
@@ -137,12 +139,15 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     def header(name, value):
         return raw(message(**{f"headers__{name}": value}))
 
+    def unsigned_change(name, value) -> bytes:
+        return raw(message(resign=False, **{f"headers__{name}": value}))
+
     def unsigned(token: str) -> bytes:
         return raw(message(resign=False, **{f"headers__{context.HEADER}": token}))
 
     def token_for(payload_text: str, signer_=signer):
         m = message()
-        m["headers"][context.HEADER] = signer_.sign(payload_text, task_name, m["headers"]["id"], _body(m))
+        m["headers"][context.HEADER] = signer_.sign(payload_text, task_name, m["headers"]["id"], _body(m), _bound(m))
         return raw(m)
 
     valid = raw(message())
@@ -163,7 +168,12 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     renamed = message()
     renamed["headers"]["task"] = "tests.apps.reliable.count"
     renamed["body"] = _encode([[RUN, 7], {}, _EMBED])
-    renamed["headers"][context.HEADER] = signer.sign(payload, task_name, renamed["headers"]["id"], _body(renamed))
+    renamed["headers"][context.HEADER] = signer.sign(
+        payload, task_name, renamed["headers"]["id"], _body(renamed), _bound(renamed)
+    )
+    forged_unknown = message(resign=False, headers__task="tests.apps.reliable.nope")
+    unbound = message(resign=False)
+    unbound["headers"][context.HEADER] = signer.sign(payload, task_name, unbound["headers"]["id"], _body(unbound))
     chained = copy.deepcopy(template)
     chained["body"] = _encode(
         [
@@ -176,6 +186,12 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
     just_over = "x" * (LIMIT + 1000)
     envelope = "not a readable message envelope"
     item = "Rejected an item"
+
+    def compressed(body: bytes, content_type: str) -> bytes:
+        m = message(resign=False, headers__compression=content_type)
+        m["body"] = base64.b64encode(body).decode()
+        return raw(m)
+
     corpus = {
         # Not a message envelope at all.
         "text": (b"hello world", envelope),
@@ -256,6 +272,20 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
             raw(message(payload=[[RUN, just_over, 0], {}, {}])),
             "PYMACARON_ASYNC_MAX_MESSAGE_BYTES",
         ),
+        # Compressed bodies: bounded before they are inflated, refused when they cannot be.
+        "bz2-bomb": (compressed(_bomb(bz2.BZ2Compressor(), 64), "application/x-bz2"), "inflates past"),
+        "zlib-bomb": (compressed(_bomb(zlib.compressobj(9), 64), "application/x-gzip"), "inflates past"),
+        "compression-mismatch": (compressed(_body(message()), "application/x-bz2"), "cannot be decoded"),
+        "compression-truncated": (compressed(bz2.compress(_body(message()))[:-8], "application/x-bz2"), "truncated"),
+        "compression-unknown": (compressed(_body(message()), "application/x-rot13"), "cannot be decoded"),
+        # Headers and items too big to read.
+        "header-huge": (header("x-junk", "j" * 100_000), "'x-junk' header takes 100000 bytes"),
+        "header-deep": (header("x-junk", _deep(500)), "'x-junk' header takes"),
+        "headers-many": (
+            raw(message(**{f"headers__x-{n}": "h" * 30_000 for n in range(30)})),
+            "its headers take",
+        ),
+        "item-huge": (raw(message(properties__junk="p" * (3 * LIMIT))), "bytes, over the"),
         # The signed context snapshot.
         "signature-missing": (raw(message(**{f"headers__{context.HEADER}": _DROP})), "no context snapshot"),
         "signature-not-a-string": (header(context.HEADER, {"user": "admin"}), "no context snapshot"),
@@ -276,8 +306,41 @@ def _corpus(template: dict, app, marker: Path) -> dict[str, tuple[bytes, str]]:
         "signature-id-swapped": (raw(swapped_id), "does not match this message"),
         "signature-task-renamed": (raw(renamed), "does not match this message"),
         "signature-chain-added": (raw(chained), "does not match this message"),
+        # Headers the signature covers, changed on a signed message.
+        "signature-eta-changed": (unsigned_change("eta", "2030-01-01T00:00:00+00:00"), "does not match"),
+        "signature-expires-past": (unsigned_change("expires", "2000-01-01T00:00:00+00:00"), "does not match"),
+        "signature-retries-changed": (unsigned_change("retries", 5), "does not match"),
+        "signature-timelimit-changed": (unsigned_change("timelimit", [1, 1]), "does not match"),
+        "signature-shadow-added": (unsigned_change("shadow", "innocent.task"), "does not match"),
+        "signature-argsrepr-changed": (unsigned_change("argsrepr", "('nothing to see',)"), "does not match"),
+        "signature-kwargsrepr-changed": (unsigned_change("kwargsrepr", "{}x"), "does not match"),
+        "signature-content-type-changed": (
+            raw(message(resign=False, **{"content-type": "application/json"})),
+            "does not match",
+        ),
+        # Checked before it is deferred: a forged message for an unknown task is not handled again and again.
+        "unknown-task-forged": (raw(forged_unknown), "does not match"),
+        # Signed without its headers (a sender before 0.3): deferred for a worker of its version, then refused.
+        "signature-unbound": (raw(unbound), "does not cover its headers"),
     }
     return corpus
+
+
+def _bound(m: dict) -> str:
+    return context.bound_headers(m["headers"], m.get("content-type"))
+
+
+def _bomb(compressor, megabytes: int) -> bytes:
+    """``megabytes`` of zeros, compressed (a few kilobytes), without holding them."""
+    chunk = b"\0" * (1024 * 1024)
+    return b"".join([*(compressor.compress(chunk) for _ in range(megabytes)), compressor.flush()])
+
+
+def _deep(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 _DROP = object()
@@ -324,6 +387,62 @@ def test_corpus(app, template, worker, server, queue, tmp_path):
         reliable.work.delay("after-corpus", 1, 0)
     wait_for(lambda: client.sismember("hostile:after-corpus:done", 1), 15, what="the valid task")
     assert worker.alive()
+
+
+def test_a_flood_of_compression_bombs_leaves_the_worker_flat(app, template, worker, server, queue):
+    """Bodies of a few hundred bytes inflating to 512 MB each: refused past the limit, kept compressed, memory flat."""
+    client = server.client()
+    bomb = base64.b64encode(_bomb(bz2.BZ2Compressor(9), 512)).decode()
+    assert len(bomb) < 2048
+
+    def push(first: int, count: int) -> None:
+        with client.pipeline(transaction=False) as pipe:
+            for n in range(first, first + count):
+                m = copy.deepcopy(template)
+                m["headers"]["id"] = f"bomb-{n}"
+                m["headers"]["compression"] = "application/x-bz2"
+                m["body"] = bomb
+                pipe.lpush(queue, json.dumps(m))
+            pipe.execute()
+        wait_for(lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0, 120, interval=0.5, what="the bombs")
+
+    push(0, 20)  # the worker's allocator warmed up by the first ones
+    rss_before = rss_kib(worker.pid)
+    flood = 1000
+    push(20, flood)
+    growth = rss_kib(worker.pid) - rss_before
+    print(f"\n{flood} bz2 bombs of {len(bomb)} bytes inflating to 512 MB each: worker RSS {growth:+} KiB")
+    assert growth < 20 * 1024
+    dead = [json.loads(v) for v in client.hgetall(f"{queue}.pma.dead.meta").values()]
+    bombs = [d for d in dead if str(d.get("task_id", "")).startswith("bomb-")]
+    assert len(bombs) == flood + 20 and all("inflates past" in d["reason"] for d in bombs)
+    # Kept as they came: compressed.
+    assert all(len(client.hget(f"{queue}.pma.dead.raw", d["id"])) < 4096 for d in bombs)
+    assert worker.alive()
+    assert "Can't decode message body" not in worker.log()
+
+
+def test_a_replayed_message_does_not_run_again(app, template, worker, server, queue):
+    """The same signed item pushed five times after it succeeded: it ran once, the replays are dead letters."""
+    client = server.client()
+    signer = app.extensions["pymacaron_async"].signer
+    m = copy.deepcopy(template)
+    task_id = m["headers"]["id"] = str(uuid.uuid4())
+    payload = template["headers"][context.HEADER].rsplit(".", 1)[0]
+    m["headers"][context.HEADER] = signer.sign(payload, m["headers"]["task"], task_id, _body(m), _bound(m))
+    item = json.dumps(m)
+    runs = client.llen(f"hostile:{RUN}:runs")
+    client.lpush(queue, item)
+    wait_for(lambda: client.llen(f"hostile:{RUN}:runs") == runs + 1, 15, what="the first run")
+    wait_for(lambda: client.hlen("unacked") == 0, 15, what="its acknowledgement")
+    for _ in range(5):
+        client.lpush(queue, item)
+    wait_for(lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0, 15, what="the replays taken")
+    time.sleep(0.5)
+    assert client.llen(f"hostile:{RUN}:runs") == runs + 1
+    dead = [json.loads(v) for v in client.hgetall(f"{queue}.pma.dead.meta").values()]
+    replays = [d for d in dead if d.get("task_id") == task_id]
+    assert len(replays) == 5 and all("succeeded already" in d["reason"] for d in replays)
 
 
 def test_garbage_on_the_broadcast_channel(app, worker, server):

@@ -8,6 +8,7 @@ the test run's Redis, under a key prefix of their own.
 
 from __future__ import annotations
 
+import bz2
 import copy
 import json
 import os
@@ -19,6 +20,7 @@ from kombu import Connection
 
 from flask_pymacaron_async import _context as context
 from flask_pymacaron_async import _deadletter as deadletter
+from flask_pymacaron_async import serialization
 from tests.apps import reliable
 from tests.faults import cli as _cli
 from tests.faults import listed_dead as _dead
@@ -155,3 +157,34 @@ def test_an_unreadable_body_is_kept_never_decoded(amqp, rabbitmq_url, tmp_path):
     (letter,) = _dead(app)
     assert letter["id"] == "pickled" and "is not accepted" in letter["reason"]
     assert worker.alive()
+
+
+def test_a_compressed_body_is_bounded_and_an_undecodable_one_kept(amqp, rabbitmq_url):
+    """A bz2 bomb and a body that is not what its compression header says: dead letters, logged without headers."""
+    queue, prefix, make_app, start = amqp
+    app = make_app()
+    worker = start()
+    compressor = bz2.BZ2Compressor(9)
+    bomb = b"".join([*(compressor.compress(b"\0" * (1 << 20)) for _ in range(256)), compressor.flush()])
+    with Connection(rabbitmq_url) as connection:
+        for task_id, body in (("bomb", bomb), ("mismatch", b'[["x", 1], {}, {}]')):
+            connection.Producer().publish(
+                body,
+                routing_key=queue,
+                headers={
+                    "task": "tests.apps.reliable.count",
+                    "id": task_id,
+                    context.HEADER: "secret-context-token.sig",
+                    "compression": "application/x-bz2",
+                },
+                content_type=serialization.CONTENT_TYPE,
+                content_encoding="utf-8",
+                declare=[],
+            )
+    wait_for(lambda: len(_dead(app)) == 2, 20, what="both kept")
+    reasons = {letter["id"]: letter["reason"] for letter in _dead(app)}
+    assert "inflates past" in reasons["bomb"]
+    assert "cannot be decoded" in reasons["mismatch"]
+    assert worker.alive()
+    assert "secret-context-token" not in worker.log()
+    assert "Can't decode message body" not in worker.log()

@@ -81,3 +81,22 @@ def test_unknown_tag_and_unloaded_class_refused():
         serialization.loads('{"__pma__": "pydantic", "cls": "os:system", "v": {}}')
     with pytest.raises(ValueError, match="not a loaded BaseModel"):
         serialization.loads('{"__pma__": "pydantic", "cls": "never.imported:Model", "v": {}}')
+
+
+class Refund(pydantic.BaseModel):
+    amount: decimal.Decimal
+    note: dict
+
+
+def test_a_client_body_naming_a_model_arrives_as_the_dict():
+    body = {"__pma__": "pydantic", "cls": f"{__name__}:Refund", "v": {"amount": "10", "note": {}}}
+    back = serialization.roundtrip([body])
+    assert back == [body] and type(back[0]) is dict
+
+
+def test_a_model_field_holding_the_tag_key_round_trips():
+    refund = Refund(
+        amount=decimal.Decimal("10.5"), note={"__pma__": "bytes", "v": "AAAA", "deep": [{"__pma__": "nope"}]}
+    )
+    back = serialization.roundtrip({"refund": refund})["refund"]
+    assert type(back) is Refund and back == refund and back.note == refund.note

@@ -55,4 +55,4 @@ def test_a_running_tasks_pymacaron_user_shows_its_id_never_its_token(jwt_conf):
         authenticate_http_request()
         dumped = auth.dump_user()
     assert dumped["jwt"] and shown_user(dumped) == "user-7"
-    assert shown_user({"jwt": dumped["jwt"], "token": token, "tenant": "t1"}) == "tenant=t1"
+    assert shown_user({"jwt": dumped["jwt"], "token": token, "tenant": "t1"}) == "<dict>"
