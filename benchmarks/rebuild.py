@@ -11,7 +11,14 @@ of 5 repetitions) for:
   with 1,000 more routes over 50 blueprints and a few ``before_request``
   hooks (``app_ext.add_big_routes``): the cost must not grow with the app;
 - ``ext_verify``: the consumer's check of the message-bound signature, in the
-  worker's main process (HMAC over the snapshot, task name, id and body digest);
+  worker's main process (HMAC over the snapshot, task name, id, body digest
+  and the bound headers, written as the worker writes them from the message);
+- ``codec_plain`` and ``codec_rich``: one argument round trip
+  (``serialization.loads(serialization.dumps([args, kwargs]))``), for the
+  benchmark's ``(42, "hello")`` and for arguments with a datetime, a
+  Decimal, a UUID and a nested dict; ``kombu_json_plain`` and
+  ``kombu_json_rich``: the same with kombu's ``json`` serializer (raw
+  Celery's), which has its own type tags since kombu 5.3;
 - ``test_request_context``: Flask's ``app.test_request_context(...)`` with
   the same URL and headers, and the same user loader;
 - ``celeryext_request_task``: calling a Flask-CeleryExt ``RequestContextTask``
@@ -21,9 +28,12 @@ of 5 repetitions) for:
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import gc
 import json
 import time
+import uuid
 from typing import Any, Callable
 
 from benchmarks.common import ARGS, HEADERS, USER_ID, broker_url, median
@@ -31,6 +41,8 @@ from benchmarks.common import ARGS, HEADERS, USER_ID, broker_url, median
 REPEATS = 5
 LOOPS = 5000
 URL = "/queue?page=2"
+# The headers of a no-op task message that the signature covers, as Celery writes them.
+MESSAGE_HEADERS = {"retries": 0, "timelimit": [None, None], "argsrepr": "('a', 'b')", "kwargsrepr": "{}"}
 # The body of a no-op task message, as the serializer encodes it.
 BODY = b'[["a","b"],{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 
@@ -53,12 +65,20 @@ def measure() -> dict[str, Any]:
     from benchmarks.app_ext import app, load_user, noop
     from flask_pymacaron_async import _context as context
     from flask_pymacaron_async import _runner as runner
+    from flask_pymacaron_async import serialization
 
     state = app.extensions["pymacaron_async"]
     task = noop.celery_task
     _as_in_the_worker(state)
     with app.test_request_context(URL, headers=HEADERS):
         token = state.signer.sign(context.take(state), task.name, "task-id", BODY)
+        bound_token = state.signer.sign(
+            context.take(state),
+            task.name,
+            "task-id",
+            BODY,
+            context.bound_headers(MESSAGE_HEADERS, serialization.CONTENT_TYPE),
+        )
     snapshot = context.ContextSigner.decode(token)
     results: dict[str, Any] = {"loops": LOOPS, "repeats": REPEATS}
 
@@ -72,7 +92,8 @@ def measure() -> dict[str, Any]:
 
     def ext_verify() -> None:
         # What the consumer does in the worker's main process, per message.
-        state.signer.verify(token, task.name, "task-id", BODY, max_age=state.settings.context_max_age)
+        bound = context.bound_headers(MESSAGE_HEADERS, serialization.CONTENT_TYPE)
+        state.signer.verify(bound_token, task.name, "task-id", BODY, state.settings.context_max_age, bound)
 
     environ = dict(snapshot["env"], **{"wsgi.input": None, "wsgi.errors": None})
 
@@ -100,6 +121,7 @@ def measure() -> dict[str, Any]:
         )
     )
     results["ext_verify_us"] = _per_call(ext_verify)
+    results.update(_alternating(_codec_paths()))
     results["test_request_context_us"] = _per_call(test_request_context)
     results["flask_request_context_us"] = _per_call(flask_floor)
     try:
@@ -108,6 +130,36 @@ def measure() -> dict[str, Any]:
         results["celeryext_request_task_us"] = None
         results["celeryext_error"] = str(exc)
     return results
+
+
+def _codec_paths() -> dict[str, Callable[[], Any]]:
+    """One argument round trip with this extension's serializer and with kombu's ``json``, plain and rich."""
+    from kombu.serialization import dumps, loads
+
+    from flask_pymacaron_async import serialization
+
+    plain = [list(ARGS), {}]
+    rich = [
+        [42, datetime.datetime(2026, 12, 7, 12, 30, tzinfo=datetime.timezone.utc), decimal.Decimal("19.99")],
+        {"order": uuid.UUID(int=7), "lines": [{"sku": "a-1", "qty": 2}, {"sku": "b-2", "qty": 1}]},
+    ]
+
+    def ours(value: Any) -> Callable[[], Any]:
+        return lambda: serialization.loads(serialization.dumps(value))
+
+    def kombu_json(value: Any) -> Callable[[], Any]:
+        def round_trip() -> Any:
+            content_type, encoding, data = dumps(value, serializer="json")
+            return loads(data, content_type, encoding, accept=[content_type])
+
+        return round_trip
+
+    return {
+        "codec_plain_us": ours(plain),
+        "kombu_json_plain_us": kombu_json(plain),
+        "codec_rich_us": ours(rich),
+        "kombu_json_rich_us": kombu_json(rich),
+    }
 
 
 def _alternating(funcs: dict[str, Callable[[], Any]], loops: int = LOOPS) -> dict[str, float]:

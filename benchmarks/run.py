@@ -115,6 +115,8 @@ TARGETS = {
     "big_rebuild": ("context rebuild + user load, app of 1,000 more routes / the 4-route app", 1.1, "<="),
     "big_call": ("the whole `__call__` path per task, app of 1,000 more routes / the 4-route app", 1.1, "<="),
     "big_enqueue": ("immediate enqueue overhead, app of 1,000 more routes / the 4-route app", 1.1, "<="),
+    "codec_plain": ('argument round trip, `(42, "hello")` / kombu\'s `json` (raw Celery)', 1.0, "<="),
+    "codec_rich": ("argument round trip, datetime, Decimal, UUID, nested dict / kombu's `json`", 1.0, "<="),
 }
 FANOUT_TARGETS = (
     "ext_immediate",
@@ -439,6 +441,8 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
         "big_enqueue": ratio(
             get(endpoint, "ext_immediate_big", "overhead_us"), get(endpoint, "ext_immediate", "overhead_us")
         ),
+        "codec_plain": ratio(rebuild.get("codec_plain_us"), rebuild.get("kombu_json_plain_us")),
+        "codec_rich": ratio(rebuild.get("codec_rich_us"), rebuild.get("kombu_json_rich_us")),
     }
     # The same ratio within each round (endpoint) or run (workers): how much it moves.
     paired = {
@@ -585,7 +589,7 @@ def _rebuild_table(results: dict[str, Any]) -> list[str]:
     return [
         f"Worker side, in process (µs per task, median of {rebuild['repeats']} x {rebuild['loops']:,}):",
         "",
-        "| context rebuild | µs per task |",
+        "| in process | µs per task |",
         "| --- | ---: |",
         f"| this extension: `context.pushed()` + `user_loader` | {_fmt(rebuild.get('ext_pushed_us'), 1)} |",
         "| this extension: whole `__call__` path (signature check, `pushed`, signals) "
@@ -596,6 +600,11 @@ def _rebuild_table(results: dict[str, Any]) -> list[str]:
         f"| Flask alone: `app.request_context(environ)` push + pop, no user "
         f"| {_fmt(rebuild.get('flask_request_context_us'), 1)} |",
         f"| Flask-CeleryExt `RequestContextTask` call | {_fmt(rebuild.get('celeryext_request_task_us'), 1)} |",
+        f"| signature check in the worker's main process | {_fmt(rebuild.get('ext_verify_us'), 1)} |",
+        '| argument round trip, `(42, "hello")`: this extension / kombu\'s `json` '
+        f"| {_fmt(rebuild.get('codec_plain_us'), 1)} / {_fmt(rebuild.get('kombu_json_plain_us'), 1)} |",
+        "| argument round trip, datetime, Decimal, UUID, nested dict: this extension / kombu's `json` "
+        f"| {_fmt(rebuild.get('codec_rich_us'), 1)} / {_fmt(rebuild.get('kombu_json_rich_us'), 1)} |",
     ]
 
 

@@ -211,14 +211,18 @@ class Request(CeleryRequest):
         super().acknowledge()
 
     def _pma_done(self) -> None:
-        """Remember that this task id succeeded (``PYMACARON_ASYNC_DONE_TTL``): a requeue will not run it again.
+        """Remember that this task id succeeded (``PYMACARON_ASYNC_DONE_TTL``), and with which message.
 
-        Recorded by the acknowledgement itself, in the same command (Redis brokers): no round trip of its own.
+        A requeue will not run the id again, nor a worker this very message
+        again (a replay); another message of the id (a frozen signature
+        applied again) runs. Recorded by the acknowledgement itself, in the
+        same command (Redis brokers): no round trip of its own.
         """
         state = getattr(self.task, "pma_state", None)
         channel: Any = getattr(self.message, "channel", None)
         if state is not None and state.settings.done_ttl and hasattr(channel, "pma_mark_done"):
-            channel.pma_mark_done(self.message.delivery_tag, self.id, state.settings.done_ttl)
+            sent = context.message_tag(self.request_dict.get(context.HEADER)) or "1"
+            channel.pma_mark_done(self.message.delivery_tag, self.id, state.settings.done_ttl, sent)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         self._pma_failed = True
@@ -475,7 +479,7 @@ def check_message(
     replayed = getattr(message.channel, "pma_replayed", None)
     if replayed is not None and replayed(message.delivery_tag):
         return Problem(
-            "its task id succeeded already (a replayed message: ids are remembered for PYMACARON_ASYNC_DONE_TTL)"
+            "it succeeded already (a replayed message: successes are remembered for PYMACARON_ASYNC_DONE_TTL)"
         )
     problem = _header_problem(headers) or limits.headers_problem(headers, context.HEADER)
     if problem is not None:

@@ -30,6 +30,7 @@ from flask import g, has_app_context, has_request_context, request
 from flask.sessions import SecureCookieSession
 
 from . import _compat, tracing
+from . import _ids as ids
 from .errors import ContextError
 
 if TYPE_CHECKING:
@@ -142,18 +143,32 @@ class ContextSigner:
         hashes only its own part (the same signature as :func:`_mac`'s).
 
         :param bound: the message's :func:`bound_headers`; None for a call
-            that never leaves this process (eager, inline).
+            that never leaves this process (eager, inline). With it, the
+            signature starts with a nonce of its own (:func:`nonce`), so
+            that no two messages sent carry the same one, even two sends of
+            one frozen signature: a replay is told from a new send by it.
         """
-        return f"{payload}.{self.tag(payload, task_name, task_id, body, bound)}"
+        if bound is None:
+            return f"{payload}.{self.tag(payload, task_name, task_id, body)}"
+        fresh = nonce()
+        return f"{payload}.{fresh}{self.tag(payload, task_name, task_id, body, bound, fresh)}"
 
-    def tag(self, payload: str, task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> str:
-        """The signature :meth:`sign` puts after the payload and a dot (base64url, no padding)."""
+    def tag(
+        self,
+        payload: str,
+        task_name: str,
+        task_id: str,
+        body: bytes | str,
+        bound: str | None = None,
+        nonce: str = "",
+    ) -> str:
+        """The signature :meth:`sign` puts after the payload, a dot and the nonce (base64url, no padding)."""
         last, mac = self._last
         if last != payload or mac is None:
             mac = hmac.new(self._keys[0], _head(payload), "sha256")
             self._last = (payload, mac)
         mac = mac.copy()
-        mac.update(_tail(task_name, task_id, body, bound))
+        mac.update(_tail(task_name, task_id, body, bound, nonce))
         return _encoded(mac.digest()[:_TAG_BYTES])
 
     def verify(
@@ -175,10 +190,14 @@ class ContextSigner:
             (``PYMACARON_ASYNC_CONTEXT_MAX_AGE``); None accepts any age.
         """
         payload, signature = _split(token)
-        # Tokens of earlier senders carry the whole HMAC; a shorter one is its first 128 bits.
+        # The nonce first, when the headers are bound. Tokens of earlier
+        # senders carry the whole HMAC; a shorter one is its first 128 bits.
+        fresh = ""
+        if bound is not None and len(signature) == _NONCE_CHARS + _TAG_CHARS:
+            fresh, signature = signature[:_NONCE_CHARS], signature[_NONCE_CHARS:]
         size = None if len(signature) > _TAG_CHARS else _TAG_BYTES
         if not any(
-            hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body, bound)[:size]))
+            hmac.compare_digest(signature, _encoded(_mac(key, payload, task_name, task_id, body, bound, fresh)[:size]))
             for key in self._keys
         ):
             raise ContextError(
@@ -227,17 +246,41 @@ def _derive(secret_key: str | bytes) -> bytes:
 # rule: at least half the hash's length), 22 characters of base64.
 _TAG_BYTES = 16
 _TAG_CHARS = 22
+# A message's nonce: 8 hexadecimal digits before its signature.
+_NONCE_CHARS = 8
+#: Characters of :func:`message_tag`: the end of a token.
+MESSAGE_TAG_CHARS = _TAG_CHARS
+
+
+def nonce() -> str:
+    """A nonce for one message: 32 random bits, from the pool of task ids (no system call of its own)."""
+    return ids.uuid4()[:_NONCE_CHARS]
+
+
+def message_tag(token: Any) -> str | None:
+    """What tells one sent message from another (its signature, which covers its nonce); None without one."""
+    return token[-_TAG_CHARS:] if isinstance(token, str) and len(token) > _TAG_CHARS else None
+
+
 # Task names and ids that json.dumps writes as they are: no quote, backslash or control character.
 _PLAIN_NAME = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
 
 
-def _mac(key: bytes, payload: str, task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> bytes:
+def _mac(
+    key: bytes,
+    payload: str,
+    task_name: str,
+    task_id: str,
+    body: bytes | str,
+    bound: str | None = None,
+    nonce: str = "",
+) -> bytes:
     """HMAC-SHA256 of the payload, the task's name and id, its body's digest and its bound headers.
 
     Newline-separated: JSON text never holds a raw newline, so no two
     messages give the same input; the body digest has a fixed length.
     """
-    return hmac.digest(key, _head(payload) + _tail(task_name, task_id, body, bound), "sha256")
+    return hmac.digest(key, _head(payload) + _tail(task_name, task_id, body, bound, nonce), "sha256")
 
 
 def _head(payload: str) -> bytes:
@@ -245,7 +288,7 @@ def _head(payload: str) -> bytes:
     return payload.encode("utf-8", "surrogateescape") + b"\n"
 
 
-def _tail(task_name: str, task_id: str, body: bytes | str, bound: str | None = None) -> bytes:
+def _tail(task_name: str, task_id: str, body: bytes | str, bound: str | None = None, nonce: str = "") -> bytes:
     """The rest of what :func:`_mac` signs, after :func:`_head`."""
     if isinstance(body, str):
         body = body.encode("utf-8")
@@ -254,7 +297,9 @@ def _tail(task_name: str, task_id: str, body: bytes | str, bound: str | None = N
     else:
         names = json.dumps([task_name, task_id]) + "\n"
     tail = names.encode("utf-8", "surrogateescape") + hashlib.sha256(body).digest()
-    return tail if bound is None else tail + b"\n" + bound.encode("utf-8", "surrogateescape")
+    if bound is None:
+        return tail
+    return tail + b"\n" + bound.encode("utf-8", "surrogateescape") + b"\n" + nonce.encode("ascii", "replace")
 
 
 def bound_headers(headers: Any, content_type: Any) -> str:

@@ -37,6 +37,8 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from ._context import HEADER as CONTEXT_HEADER
+from ._context import MESSAGE_TAG_CHARS
 from ._shown import escaped, shown_text
 
 if TYPE_CHECKING:
@@ -278,7 +280,7 @@ return store(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]))
 #: the queue name of each key, then the delivery tags of messages to
 #: acknowledge first (removed from the unacked hash and index, as kombu's
 #: ack does). Returns {key, item, delivery tag} for a message (and 'done'
-#: after it when its task id succeeded already: a replay),
+#: after it when this very message succeeded already: a replay),
 #: {key, item, false, dead-letter id, dropped} for a dead letter, or false
 #: when every list is empty.
 TAKE = (
@@ -288,11 +290,13 @@ for j = 7 + #KEYS, #ARGV do
   local tag = ARGV[j]
   local sep = string.find(tag, '\\n', 1, true)
   if sep then
-    -- "<tag>\\n<done key>\\n<seconds>": the task succeeded, its id is kept as done.
+    -- "<tag>\\n<done key>\\n<seconds>\\n<message tag>": the task succeeded, its id is kept as done.
     local done = string.sub(tag, sep + 1)
     tag = string.sub(tag, 1, sep - 1)
     local sep2 = string.find(done, '\\n', 1, true)
-    redis.call('SET', string.sub(done, 1, sep2 - 1), '1', 'EX', tonumber(string.sub(done, sep2 + 1)))
+    local sep3 = string.find(done, '\\n', sep2 + 1, true)
+    redis.call('SET', string.sub(done, 1, sep2 - 1), string.sub(done, sep3 + 1), 'EX',
+      tonumber(string.sub(done, sep2 + 1, sep3 - 1)))
   end
   redis.call('ZREM', ARGV[2], tag)
   redis.call('HDEL', ARGV[1], tag)
@@ -312,11 +316,20 @@ for i = 1, #KEYS do
           '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
         local headers = envelope['headers']
         if type(headers) == 'table' and type(headers['id']) == 'string'
-            and redis.call('EXISTS', ARGV[6] .. '"""
+            and type(headers['"""
+    + CONTEXT_HEADER
+    + """']) == 'string' then
+          -- This very message ran to success already (a replay): the worker refuses it.
+          local sent = redis.call('GET', ARGV[6] .. '"""
     + DONE_PREFIX
-    + """' .. headers['id']) == 1 then
-          -- A task id that succeeded already (a replay): the worker refuses it.
-          return {KEYS[i], item, tag, 'done'}
+    + """' .. headers['id'])
+          if sent and sent == string.sub(headers['"""
+    + CONTEXT_HEADER
+    + """'], -"""
+    + str(MESSAGE_TAG_CHARS)
+    + """) then
+            return {KEYS[i], item, tag, 'done'}
+          end
         end
         return {KEYS[i], item, tag}
       end

@@ -629,8 +629,9 @@ class _Copier:
         bound = context.bound_headers(
             {**headers, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}, found.message.get("content-type")
         )
-        tag = self.publisher.state.signer.tag(payload, task.name, task_id, body_bytes, bound)
-        signed = transport.JSONText(f'{escaped}.{tag}"')
+        fresh = context.nonce()
+        tag = self.publisher.state.signer.tag(payload, task.name, task_id, body_bytes, bound, fresh)
+        signed = transport.JSONText(f'{escaped}.{fresh}{tag}"')
         # In the order of _HEADER_SLOTS.
         self.channel.pma_put_like(found, body_bytes, (task_id, root_id, argsrepr, kwargsrepr, signed), task_id)
         if self.parent:

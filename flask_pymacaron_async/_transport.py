@@ -599,13 +599,18 @@ class Channel(KombuRedisChannel):
             return False
         return True
 
-    def pma_mark_done(self, delivery_tag: str, task_id: str, ttl: float) -> None:
+    def pma_mark_done(self, delivery_tag: str, task_id: str, ttl: float, sent: str = "1") -> None:
         """Have the acknowledgement of ``delivery_tag`` record that task ``task_id`` succeeded, for ``ttl`` seconds.
 
         No command of its own: the key (:func:`deadletter.done_key`) is set
         by the same script or transaction that acknowledges the message.
+
+        :param sent: what tells the message from another of the same id
+            (:func:`~flask_pymacaron_async._context.message_tag`): the take
+            script refuses this message if it comes again.
         """
-        self._pma_done[delivery_tag] = f"{self._pma_key(deadletter.done_key(task_id))}\n{max(1, int(ttl))}"
+        key = self._pma_key(deadletter.done_key(task_id))
+        self._pma_done[delivery_tag] = f"{key}\n{max(1, int(ttl))}\n{sent}"
 
     def pma_defer(self, delivery_tag: str, envelope: dict[str, Any], delay: float) -> bool:
         """Put an unacknowledged message back on its queue in ``delay`` seconds, atomically.
@@ -713,7 +718,7 @@ class Channel(KombuRedisChannel):
         if threading.get_ident() != self._pma_loop_thread:
             return False
         virtual.QoS.ack(self.qos, delivery_tag)  # the slot is free here
-        # The take script reads "<tag>" or "<tag>\n<done key>\n<seconds>" (see pma_mark_done).
+        # The take script reads "<tag>" or "<tag>\n<done key>\n<seconds>\n<message tag>" (see pma_mark_done).
         self._pma_acks.append(ack or delivery_tag)
         try:
             self.wake_poller()
@@ -726,7 +731,8 @@ class Channel(KombuRedisChannel):
     def pma_forget_unacked(self, acks: list[str]) -> None:
         """Remove messages from Redis's record of unacknowledged ones (kombu's ack, for several).
 
-        :param acks: delivery tags, each followed by ``\n<done key>\n<seconds>`` for a task that succeeded.
+        :param acks: delivery tags, each followed by ``\n<done key>\n<seconds>\n<message tag>`` for a task
+            that succeeded.
         """
         index, unacked = self._pma_key(self.unacked_index_key), self._pma_key(self.unacked_key)
         commands: list[tuple[str, tuple[Any, ...]]] = []
@@ -734,8 +740,9 @@ class Channel(KombuRedisChannel):
             tag, _, done = ack.partition("\n")
             commands += [("zrem", (index, tag)), ("hdel", (unacked, tag))]
             if done:
-                key, _, seconds = done.partition("\n")
-                commands.append(("set", (key, "1", "EX", int(seconds))))
+                key, _, rest = done.partition("\n")
+                seconds, _, sent = rest.partition("\n")
+                commands.append(("set", (key, sent or "1", "EX", int(seconds))))
         self._pma_send(commands, replicated=False)
 
     def take_read(self, **options: Any) -> Any:

@@ -7,6 +7,7 @@ RabbitMQ, real `celery worker` processes of tests/apps/reliable.py.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
@@ -15,6 +16,7 @@ import pytest
 import redis
 
 from flask_pymacaron_async import AsyncUnavailable, signals
+from flask_pymacaron_async import _context as context
 from tests.apps import reliable
 from tests.faults import RedisServer, unique_queue, wait_for
 
@@ -174,10 +176,23 @@ def test_a_copied_message_is_the_one_celery_builds(server, monkeypatch, where):
     messages = list(reversed(_queued(server, queue)))  # LPUSH: newest first
     assert len(messages) == 7
     for task_id in ("the-same-id", "flat-id"):
-        copy, reference = [m for m in messages if m["headers"]["id"] == task_id]
-        for message in (copy, reference):
-            message["properties"].pop("delivery_tag")
-        assert copy == reference
+        _assert_same_message(app, *[m for m in messages if m["headers"]["id"] == task_id])
+
+
+def _assert_same_message(app, copy: dict, reference: dict) -> None:
+    """Two messages are the same but for their delivery tags and their signatures (each has its own nonce)."""
+    signer = app.extensions["pymacaron_async"].signer
+    signatures = []
+    for message in (copy, reference):
+        message["properties"].pop("delivery_tag")
+        headers = message["headers"]
+        token = headers[context.HEADER]
+        bound = context.bound_headers(headers, message["content-type"])
+        signer.verify(token, headers["task"], headers["id"], base64.b64decode(message["body"]), bound=bound)
+        headers[context.HEADER], signature = token.rsplit(".", 1)
+        signatures.append(signature)
+    assert copy == reference
+    assert signatures[0] != signatures[1] and all(len(s) == 30 for s in signatures)
 
 
 def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_builds(server, monkeypatch):
@@ -223,10 +238,7 @@ def test_an_immediate_call_copies_its_tasks_message_and_it_is_the_one_celery_bui
         thread.join()
         assert len(through_celery) == 3 and through_celery[-1] != threading.get_ident()
     assert copy.id == reference.id == "the-same-id" and elsewhere
-    copied, built = [m for m in _queued(server, queue) if m["headers"]["id"] == "the-same-id"]
-    for message in (copied, built):
-        message["properties"].pop("delivery_tag")
-    assert copied == built
+    _assert_same_message(app, *[m for m in _queued(server, queue) if m["headers"]["id"] == "the-same-id"])
 
 
 def test_a_call_returns_the_result_celery_would(server):

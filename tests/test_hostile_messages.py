@@ -443,6 +443,10 @@ def test_a_replayed_message_does_not_run_again(app, template, worker, server, qu
     dead = [json.loads(v) for v in client.hgetall(f"{queue}.pma.dead.meta").values()]
     replays = [d for d in dead if d.get("task_id") == task_id]
     assert len(replays) == 5 and all("succeeded already" in d["reason"] for d in replays)
+    # The app sending the same task id again (a frozen signature applied again) is a new message: it runs.
+    with app.test_request_context("/again"):
+        reliable.work.apply_async((RUN, 1, 0), task_id=task_id)
+    wait_for(lambda: client.llen(f"hostile:{RUN}:runs") == runs + 2, 15, what="the new send")
 
 
 def test_garbage_on_the_broadcast_channel(app, worker, server):
